@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite, exactly as CI runs it (.ci/run calls this script).
+# Installs what the tests need; builds with the `ci` profile (optimized, with debug
+# assertions and overflow checks) into a target directory outside the clone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tally-target}"
+export CARGO_TERM_COLOR=never
+
+cargo fmt --all -- --check
+cargo test --profile ci --locked -- --test-threads 2

@@ -1,0 +1,146 @@
+//! The staging log: every decoded record that entered the dataflow, per committed epoch,
+//! with its position, watermark and the epoch's clock. Replaying it through the
+//! dataflow rebuilds every operator's state exactly as it was (same epochs, same order,
+//! same clocks), which is how a restart resumes without losing or double counting.
+//!
+//! File `<data dir>/staging/log.bin`: one frame per epoch,
+//! `len u32 | xxh3 u64 | bincode(StagedEpoch)`. The committer appends and fsyncs an
+//! epoch's frame before committing the epoch to the store, and the store records the
+//! log's length; at open, anything past that length (an epoch that never committed) is cut.
+
+use crate::dataflow::Epoch;
+use crate::model::{Millis, Position};
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// One record as staged: where it was read, its watermark, and its bytes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StagedRecord {
+    /// Index into [`StagedEpoch::sources`].
+    pub source: u32,
+    pub offset: u64,
+    pub wm: Millis,
+    pub raw: String,
+}
+
+/// One epoch of dataflow input.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StagedEpoch {
+    pub epoch: Epoch,
+    pub clock: Millis,
+    /// Names of the sources the records came from.
+    pub sources: Vec<String>,
+    pub records: Vec<StagedRecord>,
+}
+
+impl StagedEpoch {
+    /// Adds a record, naming its source in the epoch's table.
+    pub fn push(&mut self, source: &str, pos: Position, wm: Millis, raw: String) {
+        let idx = match self.sources.iter().position(|s| s == source) {
+            Some(i) => i,
+            None => {
+                self.sources.push(source.to_owned());
+                self.sources.len() - 1
+            }
+        };
+        self.records.push(StagedRecord {
+            source: idx as u32,
+            offset: pos.offset,
+            wm,
+            raw,
+        });
+    }
+}
+
+pub struct StagingLog {
+    path: PathBuf,
+    file: File,
+    len: u64,
+}
+
+impl StagingLog {
+    /// Opens the log, cutting it to `committed_len` (what the store says is committed).
+    pub fn open(data_dir: &Path, committed_len: u64) -> io::Result<StagingLog> {
+        let dir = data_dir.join("staging");
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("log.bin");
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        let actual = file.metadata()?.len();
+        if actual < committed_len {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is shorter ({actual} bytes) than the store's committed length ({committed_len})", path.display()),
+            ));
+        }
+        file.set_len(committed_len)?;
+        file.seek(SeekFrom::Start(committed_len))?;
+        Ok(StagingLog {
+            path,
+            file,
+            len: committed_len,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends one epoch durably; returns the log's new length.
+    pub fn append(&mut self, e: &StagedEpoch) -> io::Result<u64> {
+        let body = bincode::serialize(e).map_err(io::Error::other)?;
+        let mut frame = Vec::with_capacity(12 + body.len());
+        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&body).to_le_bytes());
+        frame.extend_from_slice(&body);
+        if let Err(err) = self
+            .file
+            .write_all(&frame)
+            .and_then(|()| self.file.sync_data())
+        {
+            let _ = self.file.set_len(self.len);
+            let _ = self.file.seek(SeekFrom::Start(self.len));
+            return Err(err);
+        }
+        self.len += frame.len() as u64;
+        Ok(self.len)
+    }
+
+    /// Reads the committed epochs back, in order.
+    pub fn read(&self) -> io::Result<impl Iterator<Item = io::Result<StagedEpoch>>> {
+        let mut r = BufReader::new(File::open(&self.path)?.take(self.len));
+        let path = self.path.clone();
+        Ok(std::iter::from_fn(move || {
+            let mut head = [0u8; 12];
+            match r.read_exact(&mut head) {
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return None,
+                Err(e) => return Some(Err(e)),
+                Ok(()) => {}
+            }
+            let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+            let sum = u64::from_le_bytes(head[4..].try_into().expect("8 bytes"));
+            let mut body = vec![0u8; len];
+            let corrupt = |what: &str| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: {what}", path.display()),
+                )
+            };
+            if r.read_exact(&mut body).is_err() {
+                return Some(Err(corrupt("truncated frame inside the committed length")));
+            }
+            if xxhash_rust::xxh3::xxh3_64(&body) != sum {
+                return Some(Err(corrupt(
+                    "checksum mismatch inside the committed length",
+                )));
+            }
+            Some(bincode::deserialize(&body).map_err(|e| corrupt(&e.to_string())))
+        }))
+    }
+}

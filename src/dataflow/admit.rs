@@ -1,0 +1,73 @@
+//! Admission, keyed by `event_id`: redeliveries count once, conflicting duplicates
+//! and late events are dead letters.
+//!
+//! For each record of an epoch, in source-position order:
+//! - `event_id` unseen: remember its fingerprint; a sale or refund older than the
+//!   record's watermark is `late` (and stays remembered, so its redeliveries are
+//!   silent); anything else is accepted. Voids are never late: corrections land.
+//! - seen with the same fingerprint: a redelivery, dropped silently.
+//! - seen with another fingerprint: `conflicting_duplicate`; the first copy stands.
+//!
+//! An id is forgotten once its event time is more than the dedup horizon behind the clock.
+
+use super::{epochs, keyed, route, DeadLetter, Epoch, Expiry, Out, Record, Rules};
+use crate::decode::Reason;
+use crate::model::{Kind, Millis};
+use compact_str::CompactString;
+use std::collections::HashMap;
+use timely::dataflow::Stream;
+
+struct Seen {
+    fingerprint: u64,
+}
+
+pub(super) fn admit<'s>(
+    records: Stream<'s, Epoch, Vec<Record>>,
+    clock: Stream<'s, Epoch, Vec<Millis>>,
+    rules: Rules,
+) -> (Stream<'s, Epoch, Vec<Record>>, Stream<'s, Epoch, Vec<Out>>) {
+    let mut seen: HashMap<CompactString, Seen> = HashMap::new();
+    let mut expiry: Expiry<CompactString> = Expiry::default();
+    let decided = epochs(
+        records,
+        clock,
+        keyed(|r: &Record| route(r.event.event_id.as_bytes())),
+        "Admit",
+        move |_epoch, mut batch: Vec<Record>, clock, out: &mut Vec<Result<Record, Out>>| {
+            batch.sort_unstable_by_key(|r| r.pos);
+            for r in batch {
+                let fp = r.event.fingerprint();
+                match seen.get(&r.event.event_id) {
+                    Some(s) if s.fingerprint == fp => out.push(Err(Out::Duplicate)),
+                    Some(_) => out.push(Err(dead(Reason::ConflictingDuplicate, r))),
+                    None => {
+                        seen.insert(r.event.event_id.clone(), Seen { fingerprint: fp });
+                        expiry.at(
+                            r.event.ts.saturating_add(rules.horizon),
+                            r.event.event_id.clone(),
+                        );
+                        if r.event.kind != Kind::Void && r.event.ts < r.wm {
+                            out.push(Err(dead(Reason::Late, r)));
+                        } else {
+                            out.push(Ok(r));
+                        }
+                    }
+                }
+            }
+            for id in expiry.due(clock) {
+                seen.remove(&id);
+            }
+        },
+    );
+    use timely::dataflow::operators::core::OkErr;
+    decided.ok_err(|x| x)
+}
+
+fn dead(reason: Reason, r: Record) -> Out {
+    Out::Dead(DeadLetter {
+        reason,
+        pos: r.pos,
+        provider: r.event.provider_id.to_string(),
+        raw: r.raw,
+    })
+}

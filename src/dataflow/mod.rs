@@ -1,0 +1,365 @@
+//! The timely dataflow: the only module that imports timely and differential.
+//!
+//! ```text
+//! records (epoch e) ──exchange(event_id)──> admit   dedup, conflicting duplicates, lateness
+//!        ──exchange(target id)──> voids   voids before or after targets, void of void,
+//!                                         cross-provider voids, orphans
+//!        ── counted deltas (event, ±1) ──> explode (local pre-aggregation per epoch)
+//!        ──exchange(row)──> rows          absolute row values, top-k, sealing
+//!        ──> sink: one EpochOutput per worker per epoch
+//! ticks (epoch e: the event-time clock) are broadcast to every worker and drive expiry.
+//! ```
+//!
+//! Invariants:
+//! - Every keyed stage processes an epoch only once both its inputs have passed it, and
+//!   inside an epoch in source-position order, so results do not depend on the worker
+//!   count nor on where epochs were cut (for one ordered source).
+//! - State expires by event time (`clock`), and expiry never emits anything: a sealed
+//!   window's committed row is never changed or deleted by expiry.
+//! - Aggregates travel as differences (see [`aggregate::Sums`], a differential
+//!   `Abelian`); the rows stage turns them into absolute values for the store.
+//!
+//! Callers: `ingest` drives [`Dataflow`] through channels; the committer consumes
+//! [`EpochOutput`]s.
+
+mod admit;
+pub mod aggregate;
+mod voids;
+
+use crate::decode::Reason;
+use crate::model::{Event, Millis, Position};
+use crate::pipeline::Pipeline;
+use crossbeam_channel::{Receiver, Sender};
+use serde::{Deserialize, Serialize};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::sync::Arc;
+use std::time::Duration;
+use timely::dataflow::channels::pact::{Exchange, ParallelizationContract, Pipeline as Local};
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::{InputHandleVec as InputHandle, Stream};
+
+pub use aggregate::{RowKey, RowUpdate, RowValue, Sums};
+
+/// Logical time: the epoch number.
+pub type Epoch = u64;
+
+/// A decoded record entering the dataflow.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub event: Event,
+    pub pos: Position,
+    /// The watermark when the record arrived: (largest event time read before it) -
+    /// allowed lateness. A sale or refund older than this is late.
+    pub wm: Millis,
+    /// The record as read, for dead letters.
+    pub raw: String,
+}
+
+/// A record the dataflow rejected, with why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub reason: Reason,
+    pub pos: Position,
+    pub provider: String,
+    pub raw: String,
+}
+
+/// What the dataflow reports for an epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Out {
+    Row(RowUpdate),
+    Dead(DeadLetter),
+    /// A void whose target did not come within the dedup horizon.
+    Orphan {
+        provider: String,
+    },
+    /// A redelivery dropped silently.
+    Duplicate,
+}
+
+/// Everything one worker produced for one epoch (possibly nothing).
+#[derive(Debug)]
+pub struct EpochOutput {
+    pub epoch: Epoch,
+    pub worker: usize,
+    pub out: Vec<Out>,
+}
+
+/// Messages from ingest to one worker.
+pub enum ToWorker {
+    /// Records of the epoch the worker's input is at.
+    Records(Epoch, Vec<Record>),
+    /// The epoch is complete; `clock` is the largest event time read so far.
+    Close { epoch: Epoch, clock: Millis },
+}
+
+/// Semantic parameters shared by every worker.
+#[derive(Clone, Debug)]
+pub struct Rules {
+    pub lateness: Millis,
+    pub horizon: Millis,
+}
+
+impl Rules {
+    pub fn of(p: &Pipeline) -> Rules {
+        Rules {
+            lateness: p.allowed_lateness.as_millis() as Millis,
+            horizon: p.dedup_horizon.as_millis() as Millis,
+        }
+    }
+}
+
+/// A running dataflow on `workers` threads.
+pub struct Dataflow {
+    inputs: Vec<Sender<ToWorker>>,
+    next: usize,
+    guards: Option<timely::communication::initialize::WorkerGuards<()>>,
+}
+
+impl Dataflow {
+    /// Starts the workers; their inputs begin at epoch `first`. Each worker sends one
+    /// [`EpochOutput`] per epoch to `outputs`.
+    pub fn start(
+        pipeline: Arc<Pipeline>,
+        workers: usize,
+        first: Epoch,
+        outputs: Sender<EpochOutput>,
+    ) -> Dataflow {
+        let workers = workers.max(1);
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..workers)
+            .map(|_| crossbeam_channel::bounded::<ToWorker>(64))
+            .unzip();
+        let rxs: Arc<Vec<Receiver<ToWorker>>> = Arc::new(rxs);
+        let guards = timely::execute(timely::Config::process(workers), move |worker| {
+            let index = worker.index();
+            let rx = rxs[index].clone();
+            let outputs = outputs.clone();
+            let mut records: InputHandle<Epoch, Record> = InputHandle::new();
+            let mut ticks: InputHandle<Epoch, Millis> = InputHandle::new();
+            let pipeline = Arc::clone(&pipeline);
+            worker.dataflow::<Epoch, _, _>(|scope| {
+                let recs = records.to_stream(scope);
+                let clock = ticks.to_stream(scope);
+                let out = build(&pipeline, recs, clock.clone());
+                sink(out, clock, index, outputs);
+            });
+            records.advance_to(first);
+            ticks.advance_to(first);
+            let mut open = true;
+            while open {
+                loop {
+                    match rx.try_recv() {
+                        Ok(ToWorker::Records(e, mut batch)) => {
+                            debug_assert_eq!(e, *records.time());
+                            records.send_batch(&mut batch);
+                        }
+                        Ok(ToWorker::Close { epoch, clock }) => {
+                            ticks.send(clock);
+                            records.advance_to(epoch + 1);
+                            ticks.advance_to(epoch + 1);
+                        }
+                        Err(crossbeam_channel::TryRecvError::Empty) => break,
+                        Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                            open = false;
+                            break;
+                        }
+                    }
+                }
+                worker.step_or_park(Some(Duration::from_millis(1)));
+            }
+            drop(records);
+            drop(ticks);
+            while worker.step() {}
+        })
+        .expect("timely workers start");
+        Dataflow {
+            inputs: txs,
+            next: 0,
+            guards: Some(guards),
+        }
+    }
+
+    pub fn workers(&self) -> usize {
+        self.inputs.len()
+    }
+
+    /// Sends records of the current epoch to the next worker (round robin);
+    /// blocks when that worker is behind (backpressure).
+    pub fn send(&mut self, epoch: Epoch, batch: Vec<Record>) {
+        if batch.is_empty() {
+            return;
+        }
+        let w = self.next % self.inputs.len();
+        self.next += 1;
+        // A worker only hangs up when it panicked; its panic surfaces at join.
+        let _ = self.inputs[w].send(ToWorker::Records(epoch, batch));
+    }
+
+    /// Closes `epoch` on every worker.
+    pub fn close(&mut self, epoch: Epoch, clock: Millis) {
+        for tx in &self.inputs {
+            let _ = tx.send(ToWorker::Close { epoch, clock });
+        }
+    }
+
+    /// Closes the inputs and waits for the workers to finish.
+    pub fn finish(mut self) {
+        self.inputs.clear();
+        if let Some(g) = self.guards.take() {
+            for r in g.join() {
+                if let Err(e) = r {
+                    panic!("a dataflow worker failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Routes by a stable hash, the same in every process.
+pub(crate) fn route(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
+}
+
+fn build<'s>(
+    p: &Pipeline,
+    records: Stream<'s, Epoch, Vec<Record>>,
+    clock: Stream<'s, Epoch, Vec<Millis>>,
+) -> Stream<'s, Epoch, Vec<Out>> {
+    let rules = Rules::of(p);
+    let plan = Arc::new(aggregate::Plan::new(p));
+    let (accepted, dead) = admit::admit(records, clock.clone(), rules.clone());
+    let (counted, void_out) = voids::voids(accepted, clock.clone(), rules.clone());
+    let partial = aggregate::explode(counted, clock.clone(), Arc::clone(&plan));
+    let rows = aggregate::rows(partial, clock, plan, rules);
+    use timely::dataflow::operators::Concat;
+    rows.concat(dead).concat(void_out)
+}
+
+/// Sends each epoch's outputs (possibly none) to the committer once the epoch is done here.
+fn sink<'s>(
+    out: Stream<'s, Epoch, Vec<Out>>,
+    clock: Stream<'s, Epoch, Vec<Millis>>,
+    worker: usize,
+    tx: Sender<EpochOutput>,
+) {
+    let done = epochs(
+        out,
+        clock,
+        Local,
+        "Sink",
+        move |epoch, items, _clock, _out: &mut Vec<()>| {
+            let _ = tx.send(EpochOutput {
+                epoch,
+                worker,
+                out: items,
+            });
+        },
+    );
+    drop(done);
+}
+
+/// The shape shared by every stateful stage: stash input by epoch, and once both the
+/// data and the clock have passed an epoch, hand its data (in arrival order of
+/// containers; stages sort by position themselves) and clock to `logic`, epochs in order.
+pub(crate) fn epochs<'s, I, O, P, L>(
+    data: Stream<'s, Epoch, Vec<I>>,
+    clock: Stream<'s, Epoch, Vec<Millis>>,
+    pact: P,
+    name: &str,
+    mut logic: L,
+) -> Stream<'s, Epoch, Vec<O>>
+where
+    I: Clone + 'static,
+    O: Clone + 'static,
+    P: ParallelizationContract<Epoch, Vec<I>>,
+    L: FnMut(Epoch, Vec<I>, Millis, &mut Vec<O>) + 'static,
+{
+    data.binary_frontier(clock, pact, Local, name, move |_cap, _info| {
+        struct Pending<I> {
+            cap: Capability<Epoch>,
+            data: Vec<I>,
+            clock: Option<Millis>,
+        }
+        let mut stash: BTreeMap<Epoch, Pending<I>> = BTreeMap::new();
+        let mut produced: Vec<O> = Vec::new();
+        move |(data_in, data_frontier), (clock_in, clock_frontier), output| {
+            data_in.for_each_stamp(|cap, containers| {
+                if let Some(cap) = cap.retain_least(output.output_index()) {
+                    let e = *cap.time();
+                    let p = stash.entry(e).or_insert_with(|| Pending {
+                        cap,
+                        data: Vec::new(),
+                        clock: None,
+                    });
+                    for c in containers {
+                        p.data.append(c);
+                    }
+                }
+            });
+            clock_in.for_each_stamp(|cap, containers| {
+                if let Some(cap) = cap.retain_least(output.output_index()) {
+                    let e = *cap.time();
+                    let p = stash.entry(e).or_insert_with(|| Pending {
+                        cap,
+                        data: Vec::new(),
+                        clock: None,
+                    });
+                    for c in containers {
+                        for t in c.drain(..) {
+                            p.clock = Some(p.clock.map_or(t, |x: Millis| x.max(t)));
+                        }
+                    }
+                }
+            });
+            while let Some((&e, _)) = stash.first_key_value() {
+                if data_frontier.less_equal(&e) || clock_frontier.less_equal(&e) {
+                    break;
+                }
+                let p = stash.remove(&e).expect("present");
+                logic(e, p.data, p.clock.unwrap_or(Millis::MIN), &mut produced);
+                if !produced.is_empty() {
+                    output.session(&p.cap).give_iterator(produced.drain(..));
+                }
+            }
+        }
+    })
+}
+
+/// The exchange contract of a keyed stage.
+pub(crate) fn keyed<I: 'static>(
+    key: impl Fn(&I) -> u64 + 'static,
+) -> impl ParallelizationContract<Epoch, Vec<I>>
+where
+    I: timely::ExchangeData,
+{
+    Exchange::new(move |x: &I| key(x))
+}
+
+/// Keys that leave state at an event time: a min-heap of (time, key).
+pub(crate) struct Expiry<K: Ord> {
+    heap: BinaryHeap<Reverse<(Millis, K)>>,
+}
+
+impl<K: Ord> Default for Expiry<K> {
+    fn default() -> Self {
+        Expiry {
+            heap: BinaryHeap::new(),
+        }
+    }
+}
+
+impl<K: Ord> Expiry<K> {
+    pub fn at(&mut self, when: Millis, key: K) {
+        self.heap.push(Reverse((when, key)));
+    }
+
+    /// Removes and returns keys whose time is before `clock`.
+    pub fn due(&mut self, clock: Millis) -> impl Iterator<Item = K> + '_ {
+        std::iter::from_fn(move || match self.heap.peek() {
+            Some(Reverse((t, _))) if *t < clock => self.heap.pop().map(|Reverse((_, k))| k),
+            _ => None,
+        })
+    }
+}

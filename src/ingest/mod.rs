@@ -1,0 +1,654 @@
+//! The run loop: sources -> epochs -> dataflow -> committer -> store.
+//!
+//! Epochs. The loop stamps records with the current epoch and closes it after
+//! `epoch.max_duration` or `epoch.max_events` records, whichever comes first. Each
+//! record carries the watermark at its arrival (largest event time read before it,
+//! minus the allowed lateness); the epoch's clock (largest event time read so far)
+//! goes to every worker when the epoch closes.
+//!
+//! Commit. The committer commits epoch `e` once the loop has closed it and every
+//! worker has reported it, in this order: the staging log frame (fsync), the dead
+//! letters (fsync), then one atomic store commit carrying rows, positions, counters
+//! and the two file lengths. A crash anywhere leaves the store at `e - 1` or `e`; at
+//! the next start the staging log and dead-letter file are cut back to the lengths the
+//! store holds, the staging log is replayed through the dataflow (rebuilding its state
+//! without committing anything), and reading resumes at the committed positions.
+//!
+//! Backpressure. At most [`IN_FLIGHT`] epochs may be closed but not committed; the
+//! loop blocks after that, and bounded channels block the readers in turn.
+//!
+//! Shutdown (`stop` set, or all input read with `until_eof`): stop reading, close the
+//! open epoch, wait for the workers to finish and the committer to commit everything.
+
+use crate::archive::staging::{StagedEpoch, StagingLog};
+use crate::dataflow::{Dataflow, DeadLetter, Epoch, EpochOutput, Out, Record, RowUpdate};
+use crate::decode::{decode, Reason};
+use crate::model::{Millis, Position};
+use crate::pipeline::Pipeline;
+use crate::source::{Input, SourceError, SourceMsg, Sources};
+use crate::store::embedded::EmbeddedStore;
+use crate::store::{Commit, Counters, Store, StoreError};
+use base64::Engine;
+use crossbeam_channel::{select, Receiver};
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Closed but uncommitted epochs allowed before reading pauses.
+pub const IN_FLIGHT: usize = 4;
+
+/// How a run is set up.
+pub struct RunConfig {
+    pub pipeline: Arc<Pipeline>,
+    pub data_dir: PathBuf,
+    pub workers: usize,
+    pub inputs: Vec<Input>,
+    pub follow: bool,
+    /// Stop once every input is read and committed.
+    pub until_eof: bool,
+    /// Set to stop gracefully (signals).
+    pub stop: Arc<AtomicBool>,
+}
+
+/// Why a run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// What one committed epoch did, for progress output.
+#[derive(Clone, Debug)]
+pub struct EpochReport {
+    pub epoch: Epoch,
+    pub counters: Counters,
+    pub rows_changed: usize,
+    pub changes: Vec<RowUpdate>,
+    pub commit_latency: Duration,
+}
+
+/// What a finished run did.
+#[derive(Debug)]
+pub struct RunSummary {
+    pub replayed_epochs: u64,
+    pub committed_epochs: u64,
+    pub records: u64,
+    pub first_epoch: Epoch,
+    pub last_epoch: Epoch,
+}
+
+/// Everything the loop hands the committer for an epoch.
+struct EpochMeta {
+    epoch: Epoch,
+    clock: Millis,
+    replay: bool,
+    positions: BTreeMap<String, u64>,
+    staged: StagedEpoch,
+    line_dead: Vec<(Position, Reason, Vec<u8>)>,
+    /// Source names by position index.
+    names: Arc<Vec<String>>,
+    records: u64,
+    decoded: u64,
+    closed_at: Instant,
+}
+
+/// Runs a pipeline until stopped (or, with `until_eof`, until all input is committed).
+/// `observe` sees every committed epoch.
+pub fn run(
+    cfg: RunConfig,
+    observe: impl FnMut(&EpochReport) + Send + 'static,
+) -> Result<RunSummary, RunError> {
+    let mut store = EmbeddedStore::open(&cfg.data_dir)?;
+    store.bind_views(&cfg.pipeline.views)?;
+    let meta = store.meta().clone();
+    let staging =
+        StagingLog::open(&cfg.data_dir, meta.staging_len).map_err(|source| RunError::Io {
+            what: "staging log",
+            path: cfg.data_dir.join("staging").display().to_string(),
+            source,
+        })?;
+    let dl_path = cfg.data_dir.join(&cfg.pipeline.dead_letters);
+    let dead =
+        DeadLetterFile::open(&dl_path, meta.dead_letters_len).map_err(|source| RunError::Io {
+            what: "dead letters",
+            path: dl_path.display().to_string(),
+            source,
+        })?;
+
+    // Epochs to replay, to rebuild dataflow state.
+    let staged: Vec<StagedEpoch> = staging
+        .read()
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| RunError::Io {
+            what: "staging log",
+            path: staging.path().display().to_string(),
+            source,
+        })?;
+    let first_epoch = staged.first().map_or(meta.epoch + 1, |s| s.epoch);
+    if !staged.is_empty() {
+        tracing::info!(
+            epochs = staged.len(),
+            committed = meta.epoch,
+            "replaying the staging log to rebuild state"
+        );
+    }
+
+    let stop = Arc::clone(&cfg.stop);
+    let sources = Sources::start(&cfg.inputs, &meta.positions, cfg.follow, Arc::clone(&stop))?;
+    let mut names: Vec<String> = sources.names.clone();
+
+    let (out_tx, out_rx) = crossbeam_channel::unbounded::<EpochOutput>();
+    let (meta_tx, meta_rx) = crossbeam_channel::unbounded::<EpochMeta>();
+    let (permit_tx, permit_rx) = crossbeam_channel::bounded::<()>(IN_FLIGHT);
+    let mut df = Dataflow::start(Arc::clone(&cfg.pipeline), cfg.workers, first_epoch, out_tx);
+    let committer = {
+        let workers = df.workers();
+        let committed = meta.epoch;
+        std::thread::Builder::new()
+            .name("tally-committer".into())
+            .spawn(move || {
+                commit_loop(
+                    store, staging, dead, workers, committed, meta_rx, out_rx, permit_rx, observe,
+                )
+            })
+            .expect("spawn committer")
+    };
+
+    let rules = crate::dataflow::Rules::of(&cfg.pipeline);
+    let mut replayed = 0;
+    for s in staged {
+        let idx: Vec<u32> = s
+            .sources
+            .iter()
+            .map(|n| source_index(&mut names, n))
+            .collect();
+        let records: Vec<Record> = s
+            .records
+            .into_iter()
+            .filter_map(|r| {
+                let event = decode(r.raw.as_bytes()).ok()?;
+                Some(Record {
+                    event,
+                    pos: Position {
+                        source: idx[r.source as usize],
+                        offset: r.offset,
+                    },
+                    wm: r.wm,
+                    raw: r.raw,
+                })
+            })
+            .collect();
+        df.send(s.epoch, records);
+        df.close(s.epoch, s.clock);
+        let _ = meta_tx.send(EpochMeta {
+            epoch: s.epoch,
+            clock: s.clock,
+            replay: true,
+            positions: BTreeMap::new(),
+            staged: StagedEpoch::default(),
+            line_dead: Vec::new(),
+            names: Arc::new(Vec::new()),
+            records: 0,
+            decoded: 0,
+            closed_at: Instant::now(),
+        });
+        replayed += 1;
+    }
+
+    // Live reading.
+    let names = Arc::new(names);
+    let mut epoch = meta.epoch + 1;
+    let mut clock = meta.clock;
+    let mut positions = meta.positions.clone();
+    let mut open = Open::new(epoch, clock);
+    let mut pending: Vec<Record> = Vec::new();
+    let mut eofs = 0;
+    let mut total_records = 0u64;
+    let mut committed_epochs = 0u64;
+    let mut failure: Option<RunError> = None;
+    let max_events = cfg.pipeline.epoch_max_events;
+    let max_duration = cfg.pipeline.epoch_max_duration;
+    let mut deadline = Instant::now() + max_duration;
+
+    loop {
+        if stop.load(Ordering::Relaxed) || committer.is_finished() {
+            break;
+        }
+        let mut close = false;
+        let mut done = false;
+        match sources.rx.recv_deadline(deadline) {
+            Ok(SourceMsg::Lines { source, lines }) => {
+                let name = &names[source as usize];
+                for line in lines {
+                    let pos = Position {
+                        source,
+                        offset: line.offset,
+                    };
+                    open.records += 1;
+                    total_records += 1;
+                    match line.decoded {
+                        Ok(event) => {
+                            let wm = if clock == Millis::MIN {
+                                Millis::MIN
+                            } else {
+                                clock.saturating_sub(rules.lateness)
+                            };
+                            clock = clock.max(event.ts);
+                            let raw =
+                                String::from_utf8(line.raw).expect("decoded records are UTF-8");
+                            open.staged.push(name, pos, wm, raw.clone());
+                            open.decoded += 1;
+                            pending.push(Record {
+                                event,
+                                pos,
+                                wm,
+                                raw,
+                            });
+                            if pending.len() >= 1024 {
+                                df.send(epoch, std::mem::take(&mut pending));
+                            }
+                        }
+                        Err(reason) => open.line_dead.push((pos, reason, line.raw)),
+                    }
+                    positions.insert(name.clone(), line.end);
+                }
+                close = open.records >= max_events as u64;
+            }
+            Ok(SourceMsg::Eof) => {
+                eofs += 1;
+                if eofs == sources.inputs && cfg.until_eof {
+                    close = true;
+                    done = true;
+                }
+            }
+            Ok(SourceMsg::Failed(e)) => {
+                failure = Some(e.into());
+                break;
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                close = true;
+                deadline = Instant::now() + max_duration;
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                if cfg.until_eof {
+                    close = true;
+                    done = true;
+                } else {
+                    // Nothing more will come; wait for a stop.
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+        if close && open.records > 0 {
+            df.send(epoch, std::mem::take(&mut pending));
+            df.close(epoch, clock);
+            open.staged.epoch = epoch;
+            open.staged.clock = clock;
+            let closed = std::mem::replace(&mut open, Open::new(epoch + 1, clock));
+            let _ = meta_tx.send(EpochMeta {
+                epoch,
+                clock,
+                replay: false,
+                positions: positions.clone(),
+                staged: closed.staged,
+                line_dead: closed.line_dead,
+                names: Arc::clone(&names),
+                records: closed.records,
+                decoded: closed.decoded,
+                closed_at: Instant::now(),
+            });
+            committed_epochs += 1;
+            epoch += 1;
+            deadline = Instant::now() + max_duration;
+            if permit_tx.send(()).is_err() {
+                break;
+            }
+        }
+        if done {
+            break;
+        }
+    }
+    // Graceful end: close what is open, drain, commit.
+    if open.records > 0 && failure.is_none() && !committer.is_finished() {
+        df.send(epoch, std::mem::take(&mut pending));
+        df.close(epoch, clock);
+        open.staged.epoch = epoch;
+        open.staged.clock = clock;
+        let _ = meta_tx.send(EpochMeta {
+            epoch,
+            clock,
+            replay: false,
+            positions,
+            staged: open.staged,
+            line_dead: open.line_dead,
+            names: Arc::clone(&names),
+            records: open.records,
+            decoded: open.decoded,
+            closed_at: Instant::now(),
+        });
+        committed_epochs += 1;
+        epoch += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    drop(permit_tx);
+    df.finish();
+    drop(meta_tx);
+    let result = committer.join().expect("committer thread");
+    if let Some(f) = failure {
+        return Err(f);
+    }
+    result?;
+    Ok(RunSummary {
+        replayed_epochs: replayed,
+        committed_epochs,
+        records: total_records,
+        first_epoch: meta.epoch + 1,
+        last_epoch: epoch - 1,
+    })
+}
+
+/// The epoch being filled.
+struct Open {
+    staged: StagedEpoch,
+    line_dead: Vec<(Position, Reason, Vec<u8>)>,
+    records: u64,
+    decoded: u64,
+}
+
+impl Open {
+    fn new(epoch: Epoch, clock: Millis) -> Open {
+        Open {
+            staged: StagedEpoch {
+                epoch,
+                clock,
+                ..Default::default()
+            },
+            line_dead: Vec::new(),
+            records: 0,
+            decoded: 0,
+        }
+    }
+}
+
+fn source_index(names: &mut Vec<String>, name: &str) -> u32 {
+    match names.iter().position(|n| n == name) {
+        Some(i) => i as u32,
+        None => {
+            names.push(name.to_owned());
+            (names.len() - 1) as u32
+        }
+    }
+}
+
+struct PendingEpoch {
+    meta: Option<EpochMeta>,
+    out: Vec<Out>,
+    reported: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn commit_loop(
+    mut store: EmbeddedStore,
+    mut staging: StagingLog,
+    mut dead: DeadLetterFile,
+    workers: usize,
+    committed: Epoch,
+    metas: Receiver<EpochMeta>,
+    outputs: Receiver<EpochOutput>,
+    permits: Receiver<()>,
+    mut observe: impl FnMut(&EpochReport),
+) -> Result<(), RunError> {
+    let mut pending: BTreeMap<Epoch, PendingEpoch> = BTreeMap::new();
+    let mut metas_open = true;
+    let mut outputs_open = true;
+    while metas_open || outputs_open || !pending.is_empty() {
+        if !metas_open && !outputs_open {
+            // Nothing more can arrive: whatever is incomplete never closed.
+            break;
+        }
+        let fresh = || PendingEpoch {
+            meta: None,
+            out: Vec::new(),
+            reported: 0,
+        };
+        // A closed channel would be ready forever: wait on the other one only.
+        let (never_m, never_o) = (crossbeam_channel::never(), crossbeam_channel::never());
+        let metas_now = if metas_open { &metas } else { &never_m };
+        let outputs_now = if outputs_open { &outputs } else { &never_o };
+        select! {
+            recv(metas_now) -> m => match m {
+                Ok(m) => {
+                    let e = m.epoch;
+                    pending.entry(e).or_insert_with(fresh).meta = Some(m);
+                }
+                Err(_) => metas_open = false,
+            },
+            recv(outputs_now) -> o => match o {
+                Ok(o) => {
+                    let p = pending.entry(o.epoch).or_insert_with(fresh);
+                    p.out.extend(o.out);
+                    p.reported += 1;
+                }
+                Err(_) => outputs_open = false,
+            },
+        }
+        while let Some(first) = pending.first_entry() {
+            let ready = first.get().meta.is_some() && first.get().reported == workers;
+            if !ready {
+                break;
+            }
+            let p = first.remove();
+            let m = p.meta.expect("ready");
+            if m.replay || m.epoch <= committed {
+                continue;
+            }
+            let report = commit_epoch(&mut store, &mut staging, &mut dead, m, p.out)?;
+            let _ = permits.try_recv();
+            observe(&report);
+        }
+    }
+    Ok(())
+}
+
+fn commit_epoch(
+    store: &mut EmbeddedStore,
+    staging: &mut StagingLog,
+    dead: &mut DeadLetterFile,
+    m: EpochMeta,
+    out: Vec<Out>,
+) -> Result<EpochReport, RunError> {
+    let mut counters = Counters {
+        records: m.records,
+        ..Counters::default()
+    };
+    let mut changes = Vec::new();
+    let mut letters: Vec<DeadLetter> = Vec::new();
+    let mut rejected_decoded = 0u64;
+    for o in out {
+        match o {
+            Out::Row(u) => changes.push(u),
+            Out::Dead(d) => {
+                if matches!(d.reason, Reason::Late | Reason::ConflictingDuplicate) {
+                    rejected_decoded += 1;
+                }
+                letters.push(d);
+            }
+            Out::Orphan { provider } => {
+                *counters.orphans_by_provider.entry(provider).or_default() += 1
+            }
+            Out::Duplicate => {
+                counters.duplicates += 1;
+                rejected_decoded += 1;
+            }
+        }
+    }
+    counters.accepted = m.decoded.saturating_sub(rejected_decoded);
+    let staging_len = staging.append(&m.staged).map_err(|source| RunError::Io {
+        what: "staging log",
+        path: staging.path().display().to_string(),
+        source,
+    })?;
+    let mut lines: Vec<(Position, String)> = Vec::with_capacity(letters.len() + m.line_dead.len());
+    for (pos, reason, raw) in &m.line_dead {
+        *counters
+            .dead_letters
+            .entry(reason.code().to_owned())
+            .or_default() += 1;
+        lines.push((
+            *pos,
+            dead_letter_line(*reason, m.epoch, &m.names, *pos, None, raw),
+        ));
+    }
+    for d in &letters {
+        *counters
+            .dead_letters
+            .entry(d.reason.code().to_owned())
+            .or_default() += 1;
+        if d.reason == Reason::Late {
+            *counters
+                .late_by_provider
+                .entry(d.provider.clone())
+                .or_default() += 1;
+        }
+        lines.push((
+            d.pos,
+            dead_letter_line(
+                d.reason,
+                m.epoch,
+                &m.names,
+                d.pos,
+                Some(&d.provider),
+                d.raw.as_bytes(),
+            ),
+        ));
+    }
+    lines.sort();
+    let dead_letters_len =
+        dead.append(lines.iter().map(|(_, l)| l.as_str()))
+            .map_err(|source| RunError::Io {
+                what: "dead letters",
+                path: dead.path.display().to_string(),
+                source,
+            })?;
+    changes.sort_by(|a, b| (&a.key, a.rank).cmp(&(&b.key, b.rank)));
+    let commit = Commit {
+        epoch: m.epoch,
+        clock: m.clock,
+        positions: m.positions,
+        staging_len,
+        dead_letters_len,
+        counters,
+        changes,
+    };
+    store.commit(&commit)?;
+    Ok(EpochReport {
+        epoch: commit.epoch,
+        rows_changed: commit.changes.len(),
+        counters: commit.counters,
+        changes: commit.changes,
+        commit_latency: m.closed_at.elapsed(),
+    })
+}
+
+/// One dead letter as a JSON line: reason, epoch, source name and offset, provider when
+/// known, and the raw record (base64 with `raw_base64: true` when it is not UTF-8).
+fn dead_letter_line(
+    reason: Reason,
+    epoch: Epoch,
+    names: &[String],
+    pos: Position,
+    provider: Option<&str>,
+    raw: &[u8],
+) -> String {
+    let source = names.get(pos.source as usize).map_or("", String::as_str);
+    let mut v = serde_json::json!({
+        "reason": reason.code(),
+        "epoch": epoch,
+        "source": source,
+        "offset": pos.offset,
+    });
+    let o = v.as_object_mut().expect("object");
+    if let Some(p) = provider {
+        o.insert("provider_id".into(), p.into());
+    }
+    match std::str::from_utf8(raw) {
+        Ok(s) => {
+            o.insert("raw".into(), s.into());
+        }
+        Err(_) => {
+            o.insert(
+                "raw".into(),
+                base64::engine::general_purpose::STANDARD.encode(raw).into(),
+            );
+            o.insert("raw_base64".into(), true.into());
+        }
+    }
+    v.to_string()
+}
+
+/// The dead-letter file: JSON Lines, appended per committed epoch.
+struct DeadLetterFile {
+    path: PathBuf,
+    file: File,
+    len: u64,
+}
+
+impl DeadLetterFile {
+    /// Opens the file and cuts it back to the committed length.
+    fn open(path: &Path, committed_len: u64) -> std::io::Result<DeadLetterFile> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .append(true)
+            .open(path)?;
+        let len = file.metadata()?.len();
+        if len < committed_len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("shorter ({len} bytes) than committed ({committed_len})"),
+            ));
+        }
+        file.set_len(committed_len)?;
+        Ok(DeadLetterFile {
+            path: path.to_owned(),
+            file,
+            len: committed_len,
+        })
+    }
+
+    fn append<'a>(&mut self, lines: impl Iterator<Item = &'a str>) -> std::io::Result<u64> {
+        let mut buf = String::new();
+        for l in lines {
+            buf.push_str(l);
+            buf.push('\n');
+        }
+        if buf.is_empty() {
+            return Ok(self.len);
+        }
+        if let Err(e) = self
+            .file
+            .write_all(buf.as_bytes())
+            .and_then(|()| self.file.sync_data())
+        {
+            let _ = self.file.set_len(self.len);
+            return Err(e);
+        }
+        self.len += buf.len() as u64;
+        Ok(self.len)
+    }
+}

@@ -1,0 +1,34 @@
+//! Tally: exact, windowed sales aggregates from a stream of events, committed exactly once.
+//!
+//! ```text
+//! source (files | stdin)            source::*      positions: (source, byte offset)
+//!   -> decode + validate            decode         bad records -> dead letters (reason)
+//!   -> epochs, watermark            ingest         cut by time and size; backpressure
+//!   -> timely dataflow, N workers   dataflow       dedup -> voids -> windows -> rows
+//!   -> committer                    ingest         staging log + dead letters + one
+//!                                                  atomic store commit per epoch
+//!   -> store (embedded)             store          rows, positions, counters; export
+//! ```
+//!
+//! Modules:
+//! - [`model`]: events, money, event time, positions, windows (no I/O).
+//! - [`decode`]: bytes to an event or a dead-letter reason (EVENTS.md).
+//! - [`pipeline`]: pipeline files (views, lateness, horizon, epochs, time zones).
+//! - [`source`]: JSON Lines files, directories, stdin; the event generator.
+//! - [`ingest`]: the run loop: reading, epochs, the committer, restart.
+//! - [`dataflow`]: the timely dataflow (the only user of timely and differential).
+//! - [`store`]: the store interface, the embedded store, the export format.
+//! - [`archive`]: the staging log of dataflow input, replayed after a restart.
+//! - [`telemetry`]: logging set-up.
+//! - [`cli`]: the `tally` commands.
+
+pub mod archive;
+pub mod cli;
+pub mod dataflow;
+pub mod decode;
+pub mod ingest;
+pub mod model;
+pub mod pipeline;
+pub mod source;
+pub mod store;
+pub mod telemetry;

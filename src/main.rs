@@ -1,0 +1,19 @@
+//! `tally`: parse arguments, start logging, dispatch, map errors to exit codes
+//! (0 ok, 1 bad records found by `validate`, 2 bad usage or configuration, 3 failure).
+
+use clap::Parser;
+use tally::cli::{dispatch, Cli, Exit};
+
+fn main() {
+    let cli = Cli::parse();
+    tally::telemetry::init();
+    match dispatch(cli) {
+        Ok(Exit::Ok) => {}
+        Ok(Exit::BadRecords) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("tally: {e:#}");
+            let usage = e.downcast_ref::<tally::pipeline::PipelineError>().is_some();
+            std::process::exit(if usage { 2 } else { 3 });
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! Sources: where records come from, each with a position (source name, byte offset).
+//!
+//! An input is a JSON Lines file, a directory of them (read in name order), stdin, or
+//! the built-in generator ([`gen`]). Each input is read by its own thread, which splits
+//! lines, decodes them (decode is pure and per line, so it runs beside the dataflow) and
+//! sends batches to the ingest loop over a bounded channel: a slow dataflow blocks the
+//! readers (backpressure). A reader starts at the committed offset of each of its files.
+//! With `follow`, the last file of an input is tailed as it grows; an incomplete last
+//! line is only read once its newline arrives.
+
+pub mod gen;
+
+use crate::decode::{decode, Reason};
+use crate::model::Event;
+use crossbeam_channel::{Receiver, Sender};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Something to read.
+#[derive(Clone, Debug)]
+pub enum Input {
+    /// A file, or a directory whose files are read in name order.
+    Path(PathBuf),
+    Stdin,
+    /// Generated events (demo, tests, benchmarks).
+    Generated(gen::GenOptions),
+}
+
+/// A source could not be opened or read.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("input {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("input {path}: the committed position {offset} is past the end of the file ({len} bytes); was it truncated or replaced?")]
+    Shrunk { path: String, offset: u64, len: u64 },
+}
+
+/// One record read: where, its bytes (without the newline) and what decoding made of it.
+pub struct Line {
+    pub offset: u64,
+    /// The offset just after the record (and its newline).
+    pub end: u64,
+    pub raw: Vec<u8>,
+    pub decoded: Result<Event, Reason>,
+}
+
+pub enum SourceMsg {
+    Lines {
+        source: u32,
+        lines: Vec<Line>,
+    },
+    /// An input has been read to its end (never sent while following).
+    Eof,
+    Failed(SourceError),
+}
+
+/// Running readers.
+pub struct Sources {
+    /// Source names by index: file paths as given, `-` for stdin, `gen:<seed>`.
+    pub names: Vec<String>,
+    pub rx: Receiver<SourceMsg>,
+    pub inputs: usize,
+}
+
+const BATCH: usize = 1024;
+
+enum Unit {
+    File(PathBuf),
+    Stdin,
+    Gen(gen::GenOptions),
+}
+
+impl Sources {
+    /// Expands inputs and starts one reader thread per input.
+    pub fn start(
+        inputs: &[Input],
+        resume: &BTreeMap<String, u64>,
+        follow: bool,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Sources, SourceError> {
+        let mut names = Vec::new();
+        let mut plans: Vec<Vec<(u32, Unit, u64)>> = Vec::new();
+        for input in inputs {
+            let mut units = Vec::new();
+            let mut add = |name: String, unit: Unit, names: &mut Vec<String>| {
+                let offset = resume.get(&name).copied().unwrap_or(0);
+                names.push(name);
+                units.push(((names.len() - 1) as u32, unit, offset));
+            };
+            match input {
+                Input::Stdin => add("-".into(), Unit::Stdin, &mut names),
+                Input::Generated(g) => {
+                    add(format!("gen:{}", g.seed), Unit::Gen(g.clone()), &mut names)
+                }
+                Input::Path(p) => {
+                    let err = |source| SourceError::Io {
+                        path: p.display().to_string(),
+                        source,
+                    };
+                    if p.is_dir() {
+                        let mut files: Vec<PathBuf> = std::fs::read_dir(p)
+                            .map_err(err)?
+                            .filter_map(|e| e.ok().map(|e| e.path()))
+                            .filter(|f| {
+                                f.is_file()
+                                    && !f
+                                        .file_name()
+                                        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                            })
+                            .collect();
+                        files.sort();
+                        for f in files {
+                            add(f.display().to_string(), Unit::File(f), &mut names);
+                        }
+                    } else {
+                        std::fs::metadata(p).map_err(err)?;
+                        add(p.display().to_string(), Unit::File(p.clone()), &mut names);
+                    }
+                }
+            }
+            plans.push(units);
+        }
+        let (tx, rx) = crossbeam_channel::bounded(64);
+        let n = plans.len();
+        for units in plans {
+            let tx = tx.clone();
+            let stop = Arc::clone(&stop);
+            let names = names.clone();
+            std::thread::Builder::new()
+                .name("tally-source".into())
+                .spawn(move || {
+                    let last = units.len().saturating_sub(1);
+                    for (i, (idx, unit, offset)) in units.into_iter().enumerate() {
+                        let tail = follow && i == last;
+                        let res = match unit {
+                            Unit::File(path) => read_file(
+                                idx,
+                                &path,
+                                &names[idx as usize],
+                                offset,
+                                tail,
+                                &tx,
+                                &stop,
+                            ),
+                            Unit::Stdin => {
+                                read_lines(idx, std::io::stdin().lock(), 0, false, &tx, &stop)
+                                    .map_err(|e| SourceError::Io {
+                                        path: "-".into(),
+                                        source: e,
+                                    })
+                            }
+                            Unit::Gen(g) => {
+                                gen::stream(idx, g, offset, &tx, &stop);
+                                Ok(())
+                            }
+                        };
+                        if let Err(e) = res {
+                            let _ = tx.send(SourceMsg::Failed(e));
+                            return;
+                        }
+                    }
+                    let _ = tx.send(SourceMsg::Eof);
+                })
+                .expect("spawn reader");
+        }
+        Ok(Sources {
+            names,
+            rx,
+            inputs: n,
+        })
+    }
+}
+
+fn read_file(
+    idx: u32,
+    path: &PathBuf,
+    name: &str,
+    offset: u64,
+    tail: bool,
+    tx: &Sender<SourceMsg>,
+    stop: &AtomicBool,
+) -> Result<(), SourceError> {
+    let err = |source| SourceError::Io {
+        path: name.to_owned(),
+        source,
+    };
+    let mut f = File::open(path).map_err(err)?;
+    let len = f.metadata().map_err(err)?.len();
+    if offset > len {
+        return Err(SourceError::Shrunk {
+            path: name.to_owned(),
+            offset,
+            len,
+        });
+    }
+    f.seek(SeekFrom::Start(offset)).map_err(err)?;
+    read_lines(
+        idx,
+        BufReader::with_capacity(1 << 16, f),
+        offset,
+        tail,
+        tx,
+        stop,
+    )
+    .map_err(err)
+}
+
+/// Splits `r` into records and sends them in batches. With `tail`, waits for more
+/// at the end instead of returning, until `stop` is set.
+pub(crate) fn read_lines(
+    idx: u32,
+    mut r: impl BufRead,
+    mut offset: u64,
+    tail: bool,
+    tx: &Sender<SourceMsg>,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut buf = Vec::new();
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let n = r.by_ref().read_until(b'\n', &mut buf)?;
+        let complete = buf.last() == Some(&b'\n');
+        if n == 0 || (!complete && tail) {
+            if !batch.is_empty() {
+                let _ = tx.send(SourceMsg::Lines {
+                    source: idx,
+                    lines: std::mem::take(&mut batch),
+                });
+            }
+            if !tail {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        let end = offset + buf.len() as u64;
+        let mut raw = std::mem::take(&mut buf);
+        if complete {
+            raw.pop();
+        }
+        let decoded = decode(&raw);
+        batch.push(Line {
+            offset,
+            end,
+            raw,
+            decoded,
+        });
+        offset = end;
+        if batch.len() >= BATCH
+            && tx
+                .send(SourceMsg::Lines {
+                    source: idx,
+                    lines: std::mem::take(&mut batch),
+                })
+                .is_err()
+        {
+            break;
+        }
+    }
+    Ok(())
+}
