@@ -363,3 +363,23 @@ impl<K: Ord> Expiry<K> {
         })
     }
 }
+
+/// Runs the dataflow over in-memory epochs (numbered from 1, each with its records
+/// and clock) and returns every worker's outputs: for tests, benchmarks and tools.
+pub fn run_epochs(
+    pipeline: Arc<Pipeline>,
+    workers: usize,
+    epochs: Vec<(Vec<Record>, Millis)>,
+) -> Vec<EpochOutput> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let mut df = Dataflow::start(pipeline, workers, 1, tx);
+    for (i, (records, clock)) in epochs.into_iter().enumerate() {
+        let e = i as Epoch + 1;
+        for chunk in records.chunks(256) {
+            df.send(e, chunk.to_vec());
+        }
+        df.close(e, clock);
+    }
+    df.finish();
+    rx.into_iter().collect()
+}
