@@ -10,6 +10,14 @@ fn main() {
     match dispatch(cli) {
         Ok(Exit::Ok) => {}
         Ok(Exit::BadRecords) => std::process::exit(1),
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            // The reader went away (`tally export | head`): not an error.
+        }
         Err(e) => {
             eprintln!("tally: {e:#}");
             let usage = e.downcast_ref::<tally::pipeline::PipelineError>().is_some();

@@ -9,6 +9,7 @@ use crate::ingest::{self, RunConfig};
 use crate::source::Input;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -56,6 +57,7 @@ pub fn validate(file: &Path, pipeline: Option<&Path>, examples: usize) -> Result
         by_reason.entry(reason).or_default().push((line, raw));
     }
     let bad: usize = by_reason.values().map(Vec::len).sum();
+    let mut w = std::io::stdout().lock();
     println!(
         "{}: {} records, {} good, {} bad",
         file.display(),
@@ -71,18 +73,21 @@ pub fn validate(file: &Path, pipeline: Option<&Path>, examples: usize) -> Result
     }
     let orphans: u64 = counters.orphans_by_provider.values().sum();
     if orphans > 0 {
-        println!("  {orphans} voids whose target never came within the dedup horizon (dropped)");
+        writeln!(
+            w,
+            "  {orphans} voids whose target never came within the dedup horizon (dropped)"
+        )?;
     }
     for (reason, mut items) in by_reason {
         items.sort();
         let why = crate::decode::Reason::from_code(&reason).map_or("", |r| r.describe());
-        println!("  {reason:<26} {:>8}  {why}", items.len());
+        writeln!(w, "  {reason:<26} {:>8}  {why}", items.len())?;
         for (line, raw) in items.iter().take(examples) {
             let mut shown: String = raw.chars().take(120).collect();
             if shown.len() < raw.len() {
                 shown.push('…');
             }
-            println!("      line {line}: {shown}");
+            writeln!(w, "      line {line}: {shown}")?;
         }
     }
     Ok(if bad > 0 { Exit::BadRecords } else { Exit::Ok })

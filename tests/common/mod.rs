@@ -2,3 +2,71 @@
 #![allow(dead_code)]
 
 pub mod reference;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// The built `tally` binary.
+pub fn tally() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tally"));
+    c.env("TALLY_LOG", "warn");
+    c
+}
+
+/// Runs `tally` with arguments and returns its output; panics with stderr if it fails.
+pub fn ok(args: &[&str]) -> Output {
+    let out = tally().args(args).output().expect("tally runs");
+    assert!(
+        out.status.success(),
+        "tally {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn scenarios() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios")
+}
+
+/// Waits (bounded) until `cond` holds, polling; panics with `what` on timeout.
+pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Bytes committed to the embedded store's log so far.
+pub fn committed_bytes(data_dir: &Path) -> u64 {
+    std::fs::metadata(data_dir.join("store/wal.bin")).map_or(0, |m| m.len())
+}
+
+/// Dead letters as (line number in `input`, reason), sorted.
+pub fn dead_letters_by_line(data_dir: &Path, input: &Path) -> Vec<(usize, String)> {
+    let bytes = std::fs::read(input).unwrap();
+    let starts: Vec<u64> = std::iter::once(0)
+        .chain(
+            bytes
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| **b == b'\n')
+                .map(|(i, _)| i as u64 + 1),
+        )
+        .collect();
+    let text = std::fs::read_to_string(data_dir.join("dead-letters.jsonl")).unwrap_or_default();
+    let mut out: Vec<(usize, String)> = text
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let offset = v["offset"].as_u64().unwrap();
+            (
+                starts.partition_point(|s| *s <= offset),
+                v["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}

@@ -1,0 +1,195 @@
+//! The command line, through the built binary: outputs and exit codes.
+
+mod common;
+
+use common::{ok, tally};
+
+#[test]
+fn gen_is_deterministic() {
+    let a = ok(&[
+        "gen",
+        "--events",
+        "3000",
+        "--seed",
+        "7",
+        "--bad-rate",
+        "0.02",
+    ])
+    .stdout;
+    let b = ok(&[
+        "gen",
+        "--events",
+        "3000",
+        "--seed",
+        "7",
+        "--bad-rate",
+        "0.02",
+    ])
+    .stdout;
+    let c = ok(&[
+        "gen",
+        "--events",
+        "3000",
+        "--seed",
+        "8",
+        "--bad-rate",
+        "0.02",
+    ])
+    .stdout;
+    assert_eq!(a.iter().filter(|b| **b == b'\n').count(), 3000);
+    assert!(a == b, "same seed, same bytes");
+    assert!(a != c, "another seed, other events");
+}
+
+#[test]
+fn validate_reports_every_reason_and_exits_1() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("e.jsonl");
+    ok(&[
+        "gen",
+        "--events",
+        "8000",
+        "--seed",
+        "1",
+        "--bad-rate",
+        "0.05",
+        "--out",
+        f.to_str().unwrap(),
+    ]);
+    let out = tally()
+        .args(["validate", f.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = String::from_utf8(out.stdout).unwrap();
+    for r in tally::decode::Reason::all() {
+        if r == tally::decode::Reason::Field(
+            tally::decode::Field::Attrs,
+            tally::decode::Problem::Missing,
+        ) {
+            continue; // attrs is optional: never missing
+        }
+        assert!(
+            report.contains(&format!("  {} ", r.code())),
+            "no {} in the report:\n{report}",
+            r.code()
+        );
+    }
+    assert!(report.contains("line "), "examples name their line");
+}
+
+#[test]
+fn validate_of_a_clean_file_exits_0() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("e.jsonl");
+    ok(&[
+        "gen",
+        "--events",
+        "3000",
+        "--seed",
+        "2",
+        "--late-rate",
+        "0",
+        "--out",
+        f.to_str().unwrap(),
+    ]);
+    let out = tally()
+        .args(["validate", f.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    assert!(
+        report.contains("3000 records, 3000 good, 0 bad"),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_bad_pipeline_is_rejected_with_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("p.toml");
+    std::fs::write(&p, "allowed_lateness = \"15m\"\n[[views]]\nname = \"v\"\ngroup_by = [\"provider_id\"]\nwindows = [\"1h\"]\nmetrics = [\"sales_count\", \"median\"]\n").unwrap();
+    let e = tmp.path().join("e.jsonl");
+    std::fs::write(&e, "").unwrap();
+    let out = tally()
+        .args([
+            "run",
+            e.to_str().unwrap(),
+            "--pipeline",
+            p.to_str().unwrap(),
+            "--data-dir",
+            tmp.path().join("d").to_str().unwrap(),
+            "--until-eof",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("p.toml:6:") && err.contains("median"), "{err}");
+}
+
+#[test]
+fn export_without_a_store_fails_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tally()
+        .args([
+            "export",
+            "--data-dir",
+            tmp.path().join("none").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no store in"));
+}
+
+#[test]
+fn help_explains_the_commands() {
+    let out = ok(&["--help"]).stdout;
+    let help = String::from_utf8(out).unwrap();
+    for c in ["run", "export", "gen", "validate", "demo"] {
+        assert!(help.contains(c), "{help}");
+    }
+    let run = String::from_utf8(ok(&["run", "--help"]).stdout).unwrap();
+    assert!(
+        run.contains("--until-eof") && run.contains("resumes"),
+        "{run}"
+    );
+}
+
+#[test]
+fn stdin_is_an_input() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d");
+    let mut child = tally()
+        .args([
+            "run",
+            "-",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--until-eof",
+            "--export",
+            tmp.path().join("o.jsonl").to_str().unwrap(),
+        ])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let line = r#"{"event_id":"1","provider_id":"p","product_id":"x","customer_id":"c","kind":"sale","amount":"2.50","currency":"USD","ts":"2026-11-22T10:00:00Z"}"#;
+    writeln!(child.stdin.take().unwrap(), "{line}\nnot json").unwrap();
+    assert!(child.wait().unwrap().success());
+    let export = std::fs::read_to_string(tmp.path().join("o.jsonl")).unwrap();
+    assert!(export.contains(r#""view":"provider_window","window":"1m","window_start":"2026-11-22T10:00:00Z","provider_id":"p","currency":"USD","sales_count":1,"gross_amount":"2.50""#), "{export}");
+    let dead = std::fs::read_to_string(data.join("dead-letters.jsonl")).unwrap();
+    assert!(
+        dead.contains(r#""reason":"line:invalid_json""#) && dead.contains(r#""source":"-""#),
+        "{dead}"
+    );
+}

@@ -1,0 +1,246 @@
+//! Scenario tests: small event files with hand-computed expected exports, run through
+//! the built binary straight, and again with a kill -9 in the middle (while more input
+//! is arriving) and a restart at another worker count. Both must give the expected
+//! export and the expected dead letters, exactly once.
+
+mod common;
+
+use common::{committed_bytes, dead_letters_by_line, ok, scenarios, tally, wait_for};
+use std::io::Write;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+fn expected_dead(dir: &Path) -> Vec<(usize, String)> {
+    let text = std::fs::read_to_string(dir.join("expected_dead.txt")).unwrap();
+    let mut v: Vec<(usize, String)> = text
+        .lines()
+        .map(|l| {
+            let (n, r) = l.split_once(' ').unwrap();
+            (n.parse().unwrap(), r.to_owned())
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn straight(name: &str) {
+    let dir = scenarios().join(name);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d");
+    let out = tmp.path().join("out.jsonl");
+    let events = dir.join("events.jsonl");
+    let pipeline = scenarios().join("pipeline.toml");
+    ok(&[
+        "run",
+        events.to_str().unwrap(),
+        "--pipeline",
+        pipeline.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--workers",
+        "1",
+        "--until-eof",
+        "--export",
+        out.to_str().unwrap(),
+    ]);
+    let got = std::fs::read_to_string(&out).unwrap();
+    let want = std::fs::read_to_string(dir.join("expected.jsonl")).unwrap();
+    assert_eq!(got, want, "{name}: export differs");
+    assert_eq!(
+        dead_letters_by_line(&data, &events),
+        expected_dead(&dir),
+        "{name}: dead letters differ"
+    );
+}
+
+/// Half the file, a follow-mode run, the rest appended, kill -9 at once, then a
+/// restart at 3 workers that reads to the end.
+fn killed(name: &str) {
+    let dir = scenarios().join(name);
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d");
+    let input = tmp.path().join("events.jsonl");
+    let out = tmp.path().join("out.jsonl");
+    let pipeline = scenarios().join("pipeline.toml");
+    let all = std::fs::read_to_string(dir.join("events.jsonl")).unwrap();
+    let lines: Vec<&str> = all.lines().collect();
+    let half = lines.len() / 2;
+    std::fs::write(
+        &input,
+        lines[..half]
+            .iter()
+            .map(|l| format!("{l}\n"))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let mut child = tally()
+        .args([
+            "run",
+            input.to_str().unwrap(),
+            "--follow",
+            "--pipeline",
+            pipeline.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--workers",
+            "2",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("a first commit", Duration::from_secs(30), || {
+        committed_bytes(&data) > 0
+    });
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&input)
+        .unwrap();
+    for l in &lines[half..] {
+        writeln!(f, "{l}").unwrap();
+    }
+    drop(f);
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    ok(&[
+        "run",
+        input.to_str().unwrap(),
+        "--pipeline",
+        pipeline.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--workers",
+        "3",
+        "--until-eof",
+        "--export",
+        out.to_str().unwrap(),
+    ]);
+    let got = std::fs::read_to_string(&out).unwrap();
+    let want = std::fs::read_to_string(dir.join("expected.jsonl")).unwrap();
+    assert_eq!(
+        got, want,
+        "{name}: export after kill -9 and restart differs"
+    );
+    assert_eq!(
+        dead_letters_by_line(&data, &input),
+        expected_dead(&dir),
+        "{name}: dead letters after restart differ"
+    );
+}
+
+#[test]
+fn sales_refunds_zones() {
+    straight("sales_refunds_zones");
+    killed("sales_refunds_zones");
+}
+
+#[test]
+fn voids_and_duplicates() {
+    straight("voids_and_duplicates");
+    killed("voids_and_duplicates");
+}
+
+#[test]
+fn lateness() {
+    straight("lateness");
+    killed("lateness");
+}
+
+/// A generated stream (every kind of trouble, bad records of every reason) killed at
+/// five random moments, restarted each time at another worker count: the export and
+/// the dead letters equal an uninterrupted run's.
+#[test]
+fn kill_at_random_moments_gives_the_uninterrupted_export() {
+    use rand::{Rng, SeedableRng};
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("events.jsonl");
+    let p = |x: &Path| x.to_str().unwrap().to_owned();
+    ok(&[
+        "gen",
+        "--events",
+        "300000",
+        "--seed",
+        "11",
+        "--bad-rate",
+        "0.003",
+        "--out",
+        &p(&input),
+    ]);
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let (out_a, out_b) = (tmp.path().join("a.jsonl"), tmp.path().join("b.jsonl"));
+    ok(&[
+        "run",
+        &p(&input),
+        "--data-dir",
+        &p(&a),
+        "--workers",
+        "1",
+        "--until-eof",
+        "--export",
+        &p(&out_a),
+    ]);
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
+    let mut kills = 0;
+    for round in 0..5 {
+        let workers = ["1", "2", "3"][round % 3];
+        let mut child = tally()
+            .args([
+                "run",
+                &p(&input),
+                "--data-dir",
+                &p(&b),
+                "--workers",
+                workers,
+                "--until-eof",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let before = committed_bytes(&b);
+        // Wait for this run to commit something, then a random moment more.
+        let start = std::time::Instant::now();
+        while committed_bytes(&b) == before
+            && child.try_wait().unwrap().is_none()
+            && start.elapsed() < Duration::from_secs(30)
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..150)));
+        if child.try_wait().unwrap().is_none() {
+            kills += 1;
+        }
+        let _ = child.kill();
+        child.wait().unwrap();
+    }
+    ok(&[
+        "run",
+        &p(&input),
+        "--data-dir",
+        &p(&b),
+        "--workers",
+        "2",
+        "--until-eof",
+        "--export",
+        &p(&out_b),
+    ]);
+    assert!(
+        kills >= 3,
+        "the runs finished before they could be killed ({kills} kills)"
+    );
+    let (ea, eb) = (
+        std::fs::read_to_string(&out_a).unwrap(),
+        std::fs::read_to_string(&out_b).unwrap(),
+    );
+    assert!(ea.lines().count() > 10_000);
+    assert!(
+        ea == eb,
+        "export after {kills} kills differs from the uninterrupted run"
+    );
+    assert_eq!(
+        dead_letters_by_line(&a, &input),
+        dead_letters_by_line(&b, &input),
+        "dead letters differ"
+    );
+}
