@@ -2,9 +2,11 @@
 //! (0 ok, 1 bad records found by `validate`, 2 bad usage or configuration, 3 failure).
 
 use clap::Parser;
+
 use tally::cli::{dispatch, Cli, Exit};
 
 fn main() {
+    tally::tune_allocator();
     let cli = Cli::parse();
     tally::telemetry::init();
     match dispatch(cli) {

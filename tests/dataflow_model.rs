@@ -164,10 +164,10 @@ fn epochs(
         reference.last_mut().unwrap().push((event.clone(), pos));
         let last = df.last_mut().unwrap();
         last.0.push(Record {
-            event,
+            event: Box::new(event),
             pos,
             wm,
-            raw: l.clone(),
+            raw: l.as_str().into(),
         });
         last.1 = clock;
     }

@@ -22,7 +22,7 @@ pub struct StagedRecord {
     pub source: u32,
     pub offset: u64,
     pub wm: Millis,
-    pub raw: String,
+    pub raw: std::sync::Arc<str>,
 }
 
 /// One epoch of dataflow input.
@@ -37,7 +37,7 @@ pub struct StagedEpoch {
 
 impl StagedEpoch {
     /// Adds a record, naming its source in the epoch's table.
-    pub fn push(&mut self, source: &str, pos: Position, wm: Millis, raw: String) {
+    pub fn push(&mut self, source: &str, pos: Position, wm: Millis, raw: std::sync::Arc<str>) {
         let idx = match self.sources.iter().position(|s| s == source) {
             Some(i) => i,
             None => {

@@ -8,26 +8,22 @@
 //! - seen with the same fingerprint: a redelivery, dropped silently.
 //! - seen with another fingerprint: `conflicting_duplicate`; the first copy stands.
 //!
-//! An id is forgotten once its event time is more than the dedup horizon behind the clock.
+//! Ids are held as 128-bit digests. An id is forgotten once its event time is more than the dedup horizon behind the clock.
 
-use super::{epochs, keyed, route, DeadLetter, Epoch, Expiry, Out, Record, Rules};
+use super::{epochs, id_digest, keyed, route, DeadLetter, Epoch, Expiry, Out, Record, Rules};
 use crate::decode::Reason;
 use crate::model::{Kind, Millis};
-use compact_str::CompactString;
 use std::collections::HashMap;
 use timely::dataflow::Stream;
-
-struct Seen {
-    fingerprint: u64,
-}
 
 pub(super) fn admit<'s>(
     records: Stream<'s, Epoch, Vec<Record>>,
     clock: Stream<'s, Epoch, Vec<Millis>>,
     rules: Rules,
 ) -> (Stream<'s, Epoch, Vec<Record>>, Stream<'s, Epoch, Vec<Out>>) {
-    let mut seen: HashMap<CompactString, Seen> = HashMap::new();
-    let mut expiry: Expiry<CompactString> = Expiry::default();
+    // event_id digest -> fingerprint of the first copy.
+    let mut seen: HashMap<u128, u64, ahash::RandomState> = HashMap::default();
+    let mut expiry: Expiry<u128> = Expiry::default();
     let decided = epochs(
         records,
         clock,
@@ -37,15 +33,13 @@ pub(super) fn admit<'s>(
             batch.sort_unstable_by_key(|r| r.pos);
             for r in batch {
                 let fp = r.event.fingerprint();
-                match seen.get(&r.event.event_id) {
-                    Some(s) if s.fingerprint == fp => out.push(Err(Out::Duplicate)),
+                let id = id_digest(&r.event.event_id);
+                match seen.get(&id) {
+                    Some(first) if *first == fp => out.push(Err(Out::Duplicate)),
                     Some(_) => out.push(Err(dead(Reason::ConflictingDuplicate, r))),
                     None => {
-                        seen.insert(r.event.event_id.clone(), Seen { fingerprint: fp });
-                        expiry.at(
-                            r.event.ts.saturating_add(rules.horizon),
-                            r.event.event_id.clone(),
-                        );
+                        seen.insert(id, fp);
+                        expiry.at(r.event.ts.saturating_add(rules.horizon), id);
                         if r.event.kind != Kind::Void && r.event.ts < r.wm {
                             out.push(Err(dead(Reason::Late, r)));
                         } else {

@@ -116,19 +116,6 @@ pub struct RowKey {
     pub group: Vec<CompactString>,
 }
 
-impl RowKey {
-    fn route(&self) -> u64 {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        h.update(&self.view.to_le_bytes());
-        h.update(&self.start.to_le_bytes());
-        for g in &self.group {
-            h.update(&(g.len() as u32).to_le_bytes());
-            h.update(g.as_bytes());
-        }
-        h.digest()
-    }
-}
-
 /// A row's absolute value. A top-k row holds its member and the member's sums.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RowValue {
@@ -215,17 +202,65 @@ fn customer_digest(e: &Event) -> u128 {
     xxhash_rust::xxh3::xxh3_128(e.customer_id.as_bytes())
 }
 
+/// A 128-bit digest of a row's identity (view, window, group values): rows are found
+/// and routed by it without building their key.
+pub type RowId = u128;
+
+type Map<K, V> = HashMap<K, V, ahash::RandomState>;
+
+fn row_id(
+    view: u16,
+    size: WindowSize,
+    start: Millis,
+    e: &Event,
+    group: &[GroupField],
+    member: Option<&GroupField>,
+) -> RowId {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&view.to_le_bytes());
+    h.update(
+        &match size {
+            WindowSize::Fixed(ms) => ms,
+            WindowSize::LocalDay => -1,
+        }
+        .to_le_bytes(),
+    );
+    h.update(&start.to_le_bytes());
+    let put = |h: &mut xxhash_rust::xxh3::Xxh3, f: &GroupField| {
+        let v: &str = match f {
+            GroupField::ProviderId => &e.provider_id,
+            GroupField::ProductId => &e.product_id,
+            GroupField::CustomerId => &e.customer_id,
+            GroupField::Currency => e.currency.as_str(),
+            GroupField::Attr(n) => e.attr(n),
+        };
+        h.update(&(v.len() as u32).to_le_bytes());
+        h.update(v.as_bytes());
+    };
+    for f in group {
+        put(&mut h, f);
+    }
+    if let Some(m) = member {
+        h.update(b"|member|");
+        put(&mut h, m);
+    }
+    h.digest128()
+}
+
 /// Row deltas of one epoch, pre-aggregated on one worker.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Partial {
     Row {
+        id: RowId,
         key: RowKey,
         end: Millis,
         sums: Sums,
         customers: Vec<(u128, i64)>,
         tickets: Vec<(i64, i64)>,
     },
+    /// A top-k member's deltas; `id` is its group's row.
     Member {
+        id: RowId,
         key: RowKey,
         end: Millis,
         member: CompactString,
@@ -236,7 +271,7 @@ pub enum Partial {
 impl Partial {
     fn route(&self) -> u64 {
         match self {
-            Partial::Row { key, .. } | Partial::Member { key, .. } => key.route(),
+            Partial::Row { id, .. } | Partial::Member { id, .. } => *id as u64,
         }
     }
 }
@@ -253,9 +288,16 @@ pub(super) fn explode<'s>(
         Local,
         "Explode",
         move |_e, batch: Vec<(Event, i64)>, _clock, out: &mut Vec<Partial>| {
-            type RowAcc = (Millis, Sums, Vec<(u128, i64)>, Vec<(i64, i64)>);
-            let mut rows: HashMap<RowKey, RowAcc> = HashMap::new();
-            let mut members: HashMap<(RowKey, CompactString), (Millis, Sums)> = HashMap::new();
+            struct RowAcc {
+                key: RowKey,
+                end: Millis,
+                sums: Sums,
+                customers: Vec<(u128, i64)>,
+                tickets: Vec<(i64, i64)>,
+            }
+            let mut rows: Map<RowId, RowAcc> = Map::default();
+            let mut members: Map<RowId, (RowId, RowKey, CompactString, Millis, Sums)> =
+                Map::default();
             let mut windows = Vec::with_capacity(plan.sizes.len());
             for (e, diff) in &batch {
                 let tz = plan.zone(&e.provider_id);
@@ -267,49 +309,57 @@ pub(super) fn explode<'s>(
                 );
                 let sums = Sums::of(e, *diff);
                 for (vi, v) in plan.views.iter().enumerate() {
-                    let group: Vec<CompactString> = v.group.iter().map(|f| field(e, f)).collect();
                     for size in &v.windows {
                         let w = windows.iter().find(|(s, _)| s == size).expect("planned").1;
-                        let key = RowKey {
+                        let key = || RowKey {
                             view: vi as u16,
                             size: *size,
                             start: w.start,
-                            group: group.clone(),
+                            group: v.group.iter().map(|f| field(e, f)).collect(),
                         };
+                        let id = row_id(vi as u16, *size, w.start, e, &v.group, None);
                         if let Some(top) = &v.top {
-                            let m = members
-                                .entry((key, field(e, &top.key)))
-                                .or_insert((w.end, Sums::default()));
-                            m.1.plus_equals(&sums);
-                        } else {
-                            let acc = rows.entry(key).or_insert_with(|| {
-                                (w.end, Sums::default(), Vec::new(), Vec::new())
+                            let mid =
+                                row_id(vi as u16, *size, w.start, e, &v.group, Some(&top.key));
+                            let m = members.entry(mid).or_insert_with(|| {
+                                (id, key(), field(e, &top.key), w.end, Sums::default())
                             });
-                            acc.1.plus_equals(&sums);
+                            m.4.plus_equals(&sums);
+                        } else {
+                            let acc = rows.entry(id).or_insert_with(|| RowAcc {
+                                key: key(),
+                                end: w.end,
+                                sums: Sums::default(),
+                                customers: Vec::new(),
+                                tickets: Vec::new(),
+                            });
+                            acc.sums.plus_equals(&sums);
                             if v.customers {
-                                acc.2.push((customer_digest(e), *diff));
+                                acc.customers.push((customer_digest(e), *diff));
                             }
                             if v.tickets && e.kind == Kind::Sale {
-                                acc.3.push((e.hundredths(), *diff));
+                                acc.tickets.push((e.hundredths(), *diff));
                             }
                         }
                     }
                 }
             }
             use differential_dataflow::consolidation::consolidate;
-            for (key, (end, sums, mut customers, mut tickets)) in rows {
-                consolidate(&mut customers);
-                consolidate(&mut tickets);
+            for (id, mut acc) in rows {
+                consolidate(&mut acc.customers);
+                consolidate(&mut acc.tickets);
                 out.push(Partial::Row {
-                    key,
-                    end,
-                    sums,
-                    customers,
-                    tickets,
+                    id,
+                    key: acc.key,
+                    end: acc.end,
+                    sums: acc.sums,
+                    customers: acc.customers,
+                    tickets: acc.tickets,
                 });
             }
-            for ((key, member), (end, sums)) in members {
+            for (_, (id, key, member, end, sums)) in members {
                 out.push(Partial::Member {
+                    id,
                     key,
                     end,
                     member,
@@ -323,7 +373,7 @@ pub(super) fn explode<'s>(
 #[derive(Default)]
 struct RowState {
     sums: Sums,
-    customers: HashMap<u128, i64>,
+    customers: Map<u128, i64>,
     tickets: BTreeMap<i64, i64>,
 }
 
@@ -341,7 +391,7 @@ impl RowState {
 
 #[derive(Default)]
 struct TopState {
-    members: HashMap<CompactString, Sums>,
+    members: Map<CompactString, Sums>,
     shown: Vec<(CompactString, Sums)>,
 }
 
@@ -374,9 +424,9 @@ pub(super) fn rows<'s>(
     rules: Rules,
 ) -> Stream<'s, Epoch, Vec<super::Out>> {
     let keep = rules.lateness.max(rules.horizon);
-    let mut rows: HashMap<RowKey, RowState> = HashMap::new();
-    let mut tops: HashMap<RowKey, TopState> = HashMap::new();
-    let mut expiry: Expiry<RowKey> = Expiry::default();
+    let mut rows: Map<RowId, (RowKey, RowState)> = Map::default();
+    let mut tops: Map<RowId, (RowKey, TopState)> = Map::default();
+    let mut expiry: Expiry<RowId> = Expiry::default();
     let mut sealed_before = Millis::MIN;
     epochs(
         partial,
@@ -384,11 +434,12 @@ pub(super) fn rows<'s>(
         keyed(Partial::route),
         "Rows",
         move |epoch, batch: Vec<Partial>, clock, out: &mut Vec<super::Out>| {
-            let mut before: HashMap<RowKey, Option<RowValue>> = HashMap::new();
-            let mut touched_tops: Vec<RowKey> = Vec::new();
+            let mut before: Map<RowId, Option<RowValue>> = Map::default();
+            let mut touched_tops: Vec<RowId> = Vec::new();
             for p in batch {
                 match p {
                     Partial::Row {
+                        id,
                         key,
                         end,
                         sums,
@@ -404,14 +455,11 @@ pub(super) fn rows<'s>(
                             );
                             continue;
                         }
-                        let state = match rows.get_mut(&key) {
-                            Some(s) => s,
-                            None => {
-                                expiry.at(end.saturating_add(keep), key.clone());
-                                rows.entry(key.clone()).or_default()
-                            }
-                        };
-                        before.entry(key).or_insert_with(|| state.value());
+                        let (_, state) = rows.entry(id).or_insert_with(|| {
+                            expiry.at(end.saturating_add(keep), id);
+                            (key, RowState::default())
+                        });
+                        before.entry(id).or_insert_with(|| state.value());
                         state.sums.plus_equals(&sums);
                         for (c, d) in customers {
                             bump(&mut state.customers, c, d);
@@ -421,6 +469,7 @@ pub(super) fn rows<'s>(
                         }
                     }
                     Partial::Member {
+                        id,
                         key,
                         end,
                         member,
@@ -435,26 +484,25 @@ pub(super) fn rows<'s>(
                             );
                             continue;
                         }
-                        let state = match tops.get_mut(&key) {
-                            Some(s) => s,
-                            None => {
-                                expiry.at(end.saturating_add(keep), key.clone());
-                                tops.entry(key.clone()).or_default()
-                            }
-                        };
+                        let (_, state) = tops.entry(id).or_insert_with(|| {
+                            expiry.at(end.saturating_add(keep), id);
+                            (key, TopState::default())
+                        });
                         state.members.entry(member).or_default().plus_equals(&sums);
-                        touched_tops.push(key);
+                        touched_tops.push(id);
                     }
                 }
             }
-            for (key, old) in before {
-                let new = rows.get(&key).and_then(RowState::value);
-                if new.is_none() {
-                    rows.remove(&key);
-                }
+            for (id, old) in before {
+                let new = rows.get(&id).and_then(|(_, s)| s.value());
+                let key = if new.is_none() {
+                    rows.remove(&id).map(|(k, _)| k)
+                } else {
+                    rows.get(&id).map(|(k, _)| k.clone())
+                };
                 if new != old {
                     out.push(super::Out::Row(RowUpdate {
-                        key,
+                        key: key.expect("touched rows exist"),
                         rank: 0,
                         value: new,
                     }));
@@ -462,12 +510,12 @@ pub(super) fn rows<'s>(
             }
             touched_tops.sort_unstable();
             touched_tops.dedup();
-            for key in touched_tops {
+            for id in touched_tops {
+                let (key, state) = tops.get_mut(&id).expect("touched");
                 let top = plan.views[key.view as usize]
                     .top
                     .as_ref()
                     .expect("top-k view");
-                let state = tops.get_mut(&key).expect("touched");
                 state.members.retain(|_, s| !s.is_zero());
                 let now = state.ranking(top);
                 for rank in 0..now.len().max(state.shown.len()) {
@@ -489,12 +537,12 @@ pub(super) fn rows<'s>(
                 }
                 state.shown = now;
                 if state.members.is_empty() {
-                    tops.remove(&key);
+                    tops.remove(&id);
                 }
             }
-            for key in expiry.due(clock) {
-                rows.remove(&key);
-                tops.remove(&key);
+            for id in expiry.due(clock) {
+                rows.remove(&id);
+                tops.remove(&id);
             }
             sealed_before = sealed_before.max(clock);
         },
@@ -510,7 +558,7 @@ trait MultiSet<K> {
     fn bump(&mut self, k: K, d: i64);
 }
 
-impl<K: std::hash::Hash + Eq> MultiSet<K> for HashMap<K, i64> {
+impl<K: std::hash::Hash + Eq, S: std::hash::BuildHasher> MultiSet<K> for HashMap<K, i64, S> {
     fn bump(&mut self, k: K, d: i64) {
         use std::collections::hash_map::Entry;
         match self.entry(k) {

@@ -48,13 +48,14 @@ pub type Epoch = u64;
 /// A decoded record entering the dataflow.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
-    pub event: Event,
+    /// Boxed: records move through several exchanges and sorts; a pointer moves cheaply.
+    pub event: Box<Event>,
     pub pos: Position,
     /// The watermark when the record arrived: (largest event time read before it) -
     /// allowed lateness. A sale or refund older than this is late.
     pub wm: Millis,
-    /// The record as read, for dead letters.
-    pub raw: String,
+    /// The record as read, for dead letters (shared with the staging log).
+    pub raw: Arc<str>,
 }
 
 /// A record the dataflow rejected, with why.
@@ -63,7 +64,7 @@ pub struct DeadLetter {
     pub reason: Reason,
     pub pos: Position,
     pub provider: String,
-    pub raw: String,
+    pub raw: Arc<str>,
 }
 
 /// What the dataflow reports for an epoch.
@@ -215,6 +216,11 @@ impl Dataflow {
             }
         }
     }
+}
+
+/// The 128-bit digest an id is held under in state (collisions: about 2^-128 a pair).
+pub(crate) fn id_digest(id: &str) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(id.as_bytes())
 }
 
 /// Routes by a stable hash, the same in every process.

@@ -14,11 +14,12 @@
 //! Targets and waiting voids leave state once their event time is more than the dedup
 //! horizon behind the clock. Leaving emits nothing: committed windows never change.
 
-use super::{epochs, keyed, route, DeadLetter, Epoch, Expiry, Out, Record, Rules};
+use super::{epochs, id_digest, keyed, route, DeadLetter, Epoch, Expiry, Out, Record, Rules};
 use crate::decode::Reason;
 use crate::model::{Event, Kind, Millis, Position};
 use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
+
 use std::collections::HashMap;
 use timely::dataflow::Stream;
 
@@ -46,26 +47,90 @@ impl Visit {
     }
 }
 
-enum Target {
-    Void,
-    /// A sale or refund; `counted` holds it while it counts, so a later void can uncount it.
+/// What is known under one id. 40 bytes; a counted target adds its packed event.
+enum Slot {
+    /// Voids waiting for a target that has not come.
+    Waiting(Vec<Waiting>),
+    /// A void, as a possible target (of another void).
+    Void { ts: Millis },
+    /// A sale or refund: its provider (digest) and, while it counts, its packed event
+    /// so a later void can uncount it.
     Sale {
-        provider: CompactString,
-        counted: Option<Event>,
+        ts: Millis,
+        provider: u64,
+        counted: Option<Box<[u8]>>,
     },
+}
+
+fn provider_digest(p: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(p.as_bytes())
+}
+
+/// The fields a counted event contributes to rows, without its ids.
+#[derive(Serialize, Deserialize)]
+struct Packed<'a> {
+    #[serde(borrow)]
+    provider: &'a str,
+    product: &'a str,
+    customer: &'a str,
+    kind: Kind,
+    amount: Option<crate::model::Money>,
+    currency: crate::model::Currency,
+    ts: Millis,
+    attrs: Vec<(&'a str, &'a str)>,
+}
+
+fn pack(e: &Event) -> Box<[u8]> {
+    use bincode::Options;
+    let p = Packed {
+        provider: &e.provider_id,
+        product: &e.product_id,
+        customer: &e.customer_id,
+        kind: e.kind,
+        amount: e.amount,
+        currency: e.currency,
+        ts: e.ts,
+        attrs: e
+            .attrs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect(),
+    };
+    bincode::DefaultOptions::new()
+        .serialize(&p)
+        .expect("events encode")
+        .into_boxed_slice()
+}
+
+/// The event back, with empty ids (rows do not use them).
+fn unpack(b: &[u8]) -> Event {
+    use bincode::Options;
+    let p: Packed<'_> = bincode::DefaultOptions::new()
+        .deserialize(b)
+        .expect("encoded by pack");
+    Event {
+        event_id: CompactString::default(),
+        provider_id: p.provider.into(),
+        product_id: p.product.into(),
+        customer_id: p.customer.into(),
+        kind: p.kind,
+        amount: p.amount,
+        currency: p.currency,
+        ts: p.ts,
+        ref_event_id: None,
+        attrs: p
+            .attrs
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect(),
+    }
 }
 
 struct Waiting {
     provider: CompactString,
     ts: Millis,
     pos: Position,
-    raw: String,
-}
-
-#[derive(Default)]
-struct Slot {
-    target: Option<(Millis, Target)>,
-    waiting: Vec<Waiting>,
+    raw: std::sync::Arc<str>,
 }
 
 /// A change to the set of counted events.
@@ -81,8 +146,9 @@ pub(super) fn voids<'s>(
         let cancel = (r.event.kind == Kind::Void).then(|| Visit::Cancel(r.clone()));
         std::iter::once(Visit::Register(r)).chain(cancel)
     });
-    let mut slots: HashMap<CompactString, Slot> = HashMap::new();
-    let mut expiry: Expiry<CompactString> = Expiry::default();
+    // Target id digest -> what is known under it.
+    let mut slots: HashMap<u128, Slot, ahash::RandomState> = HashMap::default();
+    let mut expiry: Expiry<u128> = Expiry::default();
     let resolved = epochs(
         visits,
         clock,
@@ -91,17 +157,17 @@ pub(super) fn voids<'s>(
         move |_epoch, mut batch: Vec<Visit>, clock, out: &mut Vec<Result<Counted, Out>>| {
             batch.sort_unstable_by_key(Visit::order);
             for v in batch {
-                let key = CompactString::from(v.key());
-                let slot = slots.entry(key.clone()).or_default();
+                let key = id_digest(v.key());
+                let slot = slots
+                    .entry(key)
+                    .or_insert_with(|| Slot::Waiting(Vec::new()));
                 match v {
                     Visit::Register(r) => {
-                        let ts = r.event.ts;
-                        expiry.at(ts.saturating_add(rules.horizon), key);
-                        let target = register(slot, r.event, out);
-                        slot.target = Some((ts, target));
+                        expiry.at(r.event.ts.saturating_add(rules.horizon), key);
+                        *slot = register(slot, *r.event, out);
                     }
                     Visit::Cancel(r) => {
-                        if slot.target.is_none() {
+                        if matches!(slot, Slot::Waiting(_)) {
                             expiry.at(r.event.ts.saturating_add(rules.horizon), key);
                         }
                         cancel(slot, r, out);
@@ -109,23 +175,24 @@ pub(super) fn voids<'s>(
                 }
             }
             for key in expiry.due(clock) {
-                if let Some(slot) = slots.get_mut(&key) {
-                    let gone = |ts: Millis| ts.saturating_add(rules.horizon) < clock;
-                    if slot.target.as_ref().is_some_and(|(ts, _)| gone(*ts)) {
-                        slot.target = None;
+                let gone = |ts: Millis| ts.saturating_add(rules.horizon) < clock;
+                let empty = match slots.get_mut(&key) {
+                    None => false,
+                    Some(Slot::Void { ts }) | Some(Slot::Sale { ts, .. }) => gone(*ts),
+                    Some(Slot::Waiting(list)) => {
+                        list.retain(|w| {
+                            if gone(w.ts) {
+                                out.push(Err(Out::Orphan {
+                                    provider: w.provider.to_string(),
+                                }));
+                            }
+                            !gone(w.ts)
+                        });
+                        list.is_empty()
                     }
-                    slot.waiting.retain(|w| {
-                        let keep = !gone(w.ts);
-                        if !keep {
-                            out.push(Err(Out::Orphan {
-                                provider: w.provider.to_string(),
-                            }));
-                        }
-                        keep
-                    });
-                    if slot.target.is_none() && slot.waiting.is_empty() {
-                        slots.remove(&key);
-                    }
+                };
+                if empty {
+                    slots.remove(&key);
                 }
             }
         },
@@ -134,13 +201,17 @@ pub(super) fn voids<'s>(
 }
 
 /// A record arrives as a possible target: settle the voids waiting for it.
-fn register(slot: &mut Slot, event: Event, out: &mut Vec<Result<Counted, Out>>) -> Target {
-    let waiting = std::mem::take(&mut slot.waiting);
+fn register(slot: &mut Slot, event: Event, out: &mut Vec<Result<Counted, Out>>) -> Slot {
+    let waiting = match std::mem::replace(slot, Slot::Void { ts: 0 }) {
+        Slot::Waiting(list) => list,
+        // An id again after the horizon forgot it: a new event.
+        _ => Vec::new(),
+    };
     if event.kind == Kind::Void {
         for w in waiting {
             out.push(Err(dead(Reason::VoidTargetsVoid, w)));
         }
-        return Target::Void;
+        return Slot::Void { ts: event.ts };
     }
     let mut cancelled = false;
     for w in waiting {
@@ -150,17 +221,20 @@ fn register(slot: &mut Slot, event: Event, out: &mut Vec<Result<Counted, Out>>) 
             cancelled = true;
         }
     }
-    let provider = event.provider_id.clone();
+    let (ts, provider) = (event.ts, provider_digest(&event.provider_id));
     if cancelled {
-        Target::Sale {
+        Slot::Sale {
+            ts,
             provider,
             counted: None,
         }
     } else {
-        out.push(Ok((event.clone(), 1)));
-        Target::Sale {
+        let packed = pack(&event);
+        out.push(Ok((event, 1)));
+        Slot::Sale {
+            ts,
             provider,
-            counted: Some(event),
+            counted: Some(packed),
         }
     }
 }
@@ -173,15 +247,15 @@ fn cancel(slot: &mut Slot, void: Record, out: &mut Vec<Result<Counted, Out>>) {
         pos: void.pos,
         raw: void.raw,
     };
-    match &mut slot.target {
-        None => slot.waiting.push(w),
-        Some((_, Target::Void)) => out.push(Err(dead(Reason::VoidTargetsVoid, w))),
-        Some((_, Target::Sale { provider, .. })) if *provider != w.provider => {
+    match slot {
+        Slot::Waiting(list) => list.push(w),
+        Slot::Void { .. } => out.push(Err(dead(Reason::VoidTargetsVoid, w))),
+        Slot::Sale { provider, .. } if *provider != provider_digest(&w.provider) => {
             out.push(Err(dead(Reason::VoidProviderMismatch, w)))
         }
-        Some((_, Target::Sale { counted, .. })) => {
+        Slot::Sale { counted, .. } => {
             if let Some(e) = counted.take() {
-                out.push(Ok((e, -1)));
+                out.push(Ok((unpack(&e), -1)));
             }
         }
     }

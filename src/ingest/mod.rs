@@ -21,7 +21,7 @@
 //! open epoch, wait for the workers to finish and the committer to commit everything.
 
 use crate::archive::staging::{StagedEpoch, StagingLog};
-use crate::dataflow::{Dataflow, DeadLetter, Epoch, EpochOutput, Out, Record, RowUpdate};
+use crate::dataflow::{Dataflow, DeadLetter, Epoch, EpochOutput, Out, Record};
 use crate::decode::{decode, Reason};
 use crate::model::{Millis, Position};
 use crate::pipeline::Pipeline;
@@ -75,7 +75,7 @@ pub struct EpochReport {
     pub epoch: Epoch,
     pub counters: Counters,
     pub rows_changed: usize,
-    pub changes: Vec<RowUpdate>,
+    /// From the epoch's close to its commit.
     pub commit_latency: Duration,
 }
 
@@ -127,20 +127,22 @@ pub fn run(
             source,
         })?;
 
-    // Epochs to replay, to rebuild dataflow state.
-    let staged: Vec<StagedEpoch> = staging
-        .read()
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|source| RunError::Io {
-            what: "staging log",
-            path: staging.path().display().to_string(),
-            source,
-        })?;
-    let first_epoch = staged.first().map_or(meta.epoch + 1, |s| s.epoch);
-    if !staged.is_empty() {
+    // Epochs to replay, to rebuild dataflow state: streamed, never held whole.
+    let staging_path = staging.path().display().to_string();
+    let staging_err = |source| RunError::Io {
+        what: "staging log",
+        path: staging_path.clone(),
+        source,
+    };
+    let mut staged = staging.read().map_err(staging_err)?.peekable();
+    let first_epoch = match staged.peek() {
+        Some(Ok(s)) => s.epoch,
+        _ => meta.epoch + 1,
+    };
+    if first_epoch <= meta.epoch {
         tracing::info!(
-            epochs = staged.len(),
-            committed = meta.epoch,
+            from = first_epoch,
+            to = meta.epoch,
             "replaying the staging log to rebuild state"
         );
     }
@@ -169,6 +171,17 @@ pub fn run(
     let rules = crate::dataflow::Rules::of(&cfg.pipeline);
     let mut replayed = 0;
     for s in staged {
+        let s = match s {
+            Ok(s) => s,
+            Err(e) => {
+                // Stop cleanly: nothing more was committed, the next start tries again.
+                stop.store(true, Ordering::Relaxed);
+                drop(df);
+                drop(meta_tx);
+                let _ = committer.join();
+                return Err(staging_err(e));
+            }
+        };
         let idx: Vec<u32> = s
             .sources
             .iter()
@@ -180,7 +193,7 @@ pub fn run(
             .filter_map(|r| {
                 let event = decode(r.raw.as_bytes()).ok()?;
                 Some(Record {
-                    event,
+                    event: Box::new(event),
                     pos: Position {
                         source: idx[r.source as usize],
                         offset: r.offset,
@@ -246,12 +259,13 @@ pub fn run(
                                 clock.saturating_sub(rules.lateness)
                             };
                             clock = clock.max(event.ts);
-                            let raw =
-                                String::from_utf8(line.raw).expect("decoded records are UTF-8");
-                            open.staged.push(name, pos, wm, raw.clone());
+                            let raw: Arc<str> = String::from_utf8(line.raw)
+                                .expect("decoded records are UTF-8")
+                                .into();
+                            open.staged.push(name, pos, wm, Arc::clone(&raw));
                             open.decoded += 1;
                             pending.push(Record {
-                                event,
+                                event: Box::new(event),
                                 pos,
                                 wm,
                                 raw,
@@ -542,7 +556,6 @@ fn commit_epoch(
                 path: dead.path.display().to_string(),
                 source,
             })?;
-    changes.sort_by(|a, b| (&a.key, a.rank).cmp(&(&b.key, b.rank)));
     let commit = Commit {
         epoch: m.epoch,
         clock: m.clock,
@@ -552,13 +565,16 @@ fn commit_epoch(
         counters,
         changes,
     };
-    store.commit(&commit)?;
-    Ok(EpochReport {
+    let report = EpochReport {
         epoch: commit.epoch,
         rows_changed: commit.changes.len(),
-        counters: commit.counters,
-        changes: commit.changes,
+        counters: commit.counters.clone(),
+        commit_latency: Default::default(),
+    };
+    store.commit(commit)?;
+    Ok(EpochReport {
         commit_latency: m.closed_at.elapsed(),
+        ..report
     })
 }
 

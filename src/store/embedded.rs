@@ -8,10 +8,8 @@
 //!   over the old one; after that the log is emptied. Commits in the log that the
 //!   snapshot already holds (a crash between the two steps) are skipped at open.
 
-use super::{apply, check_views, Commit, Meta, Store, StoreError, StoredRow};
-use crate::dataflow::{RowKey, RowValue};
+use super::{apply, check_views, Commit, Meta, RowMap, Store, StoreError, StoredRow};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -22,7 +20,7 @@ const SNAPSHOT_AFTER: u64 = 64 << 20;
 pub struct EmbeddedStore {
     dir: PathBuf,
     meta: Meta,
-    rows: BTreeMap<(RowKey, u32), RowValue>,
+    rows: RowMap,
     wal: File,
     wal_len: u64,
 }
@@ -57,7 +55,7 @@ impl EmbeddedStore {
                 (s.meta, s.rows.into_iter().collect())
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                (Meta::default(), BTreeMap::new())
+                (Meta::default(), RowMap::default())
             }
             Err(e) => return Err(io(&snap_path)(e)),
         };
@@ -74,7 +72,7 @@ impl EmbeddedStore {
             let mut r = BufReader::new(&mut wal);
             while let Some((c, len)) = read_frame(&mut r) {
                 if c.epoch > meta.epoch {
-                    apply(&mut meta, &mut rows, &c)?;
+                    apply(&mut meta, &mut rows, c)?;
                 }
                 good += len;
             }
@@ -148,14 +146,14 @@ impl Store for EmbeddedStore {
         Ok(())
     }
 
-    fn commit(&mut self, c: &Commit) -> Result<(), StoreError> {
+    fn commit(&mut self, c: Commit) -> Result<(), StoreError> {
         if c.epoch <= self.meta.epoch {
             return Err(StoreError::Stale {
                 offered: c.epoch,
                 stored: self.meta.epoch,
             });
         }
-        let body = bincode::serialize(c).expect("commits serialize");
+        let body = bincode::serialize(&c).expect("commits serialize");
         let mut frame = Vec::with_capacity(12 + body.len());
         frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
         frame.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&body).to_le_bytes());

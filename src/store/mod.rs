@@ -107,6 +107,9 @@ pub enum StoreError {
     Corrupt { path: String, reason: String },
 }
 
+/// Rows held in memory, by key and rank.
+pub type RowMap = std::collections::HashMap<(RowKey, u32), RowValue, ahash::RandomState>;
+
 /// A row as stored: its key, its rank (0 unless top-k) and value.
 pub type StoredRow = ((RowKey, u32), RowValue);
 
@@ -119,7 +122,7 @@ pub trait Store: Send {
     fn bind_views(&mut self, views: &[View]) -> Result<(), StoreError>;
 
     /// Applies one epoch atomically: all of it or none of it.
-    fn commit(&mut self, c: &Commit) -> Result<(), StoreError>;
+    fn commit(&mut self, c: Commit) -> Result<(), StoreError>;
 
     /// Every stored row, in no particular order.
     fn rows(&self) -> Vec<StoredRow>;
@@ -142,22 +145,18 @@ pub(crate) fn check_views(meta: &mut Meta, views: &[View]) -> Result<bool, Store
 }
 
 /// Applies a commit to metadata and rows held in memory: shared by every store.
-pub(crate) fn apply(
-    meta: &mut Meta,
-    rows: &mut BTreeMap<(RowKey, u32), RowValue>,
-    c: &Commit,
-) -> Result<(), StoreError> {
+pub(crate) fn apply(meta: &mut Meta, rows: &mut RowMap, c: Commit) -> Result<(), StoreError> {
     if c.epoch <= meta.epoch {
         return Err(StoreError::Stale {
             offered: c.epoch,
             stored: meta.epoch,
         });
     }
-    for u in &c.changes {
-        let k = (u.key.clone(), u.rank);
-        match &u.value {
+    for u in c.changes {
+        let k = (u.key, u.rank);
+        match u.value {
             Some(v) => {
-                rows.insert(k, v.clone());
+                rows.insert(k, v);
             }
             None => {
                 rows.remove(&k);
@@ -166,9 +165,7 @@ pub(crate) fn apply(
     }
     meta.epoch = c.epoch;
     meta.clock = c.clock;
-    for (s, o) in &c.positions {
-        meta.positions.insert(s.clone(), *o);
-    }
+    meta.positions.extend(c.positions);
     meta.staging_len = c.staging_len;
     meta.dead_letters_len = c.dead_letters_len;
     meta.counters.add(&c.counters);
