@@ -79,7 +79,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub follow: bool,
     /// Stop once every input is read and committed.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "follow")]
     pub until_eof: bool,
     /// After stopping, write the export (JSON Lines) here.
     #[arg(long)]

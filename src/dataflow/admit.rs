@@ -58,10 +58,10 @@ pub(super) fn admit<'s>(
 }
 
 fn dead(reason: Reason, r: Record) -> Out {
-    Out::Dead(DeadLetter {
+    Out::Dead(Box::new(DeadLetter {
         reason,
         pos: r.pos,
         provider: r.event.provider_id.to_string(),
         raw: r.raw,
-    })
+    }))
 }

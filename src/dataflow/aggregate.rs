@@ -208,7 +208,10 @@ pub type RowId = u128;
 
 type Map<K, V> = HashMap<K, V, ahash::RandomState>;
 
+/// Digests a row's identity; `buf` is scratch space reused across calls.
+#[allow(clippy::too_many_arguments)]
 fn row_id(
+    buf: &mut Vec<u8>,
     view: u16,
     size: WindowSize,
     start: Millis,
@@ -216,17 +219,15 @@ fn row_id(
     group: &[GroupField],
     member: Option<&GroupField>,
 ) -> RowId {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    h.update(&view.to_le_bytes());
-    h.update(
-        &match size {
-            WindowSize::Fixed(ms) => ms,
-            WindowSize::LocalDay => -1,
-        }
-        .to_le_bytes(),
-    );
-    h.update(&start.to_le_bytes());
-    let put = |h: &mut xxhash_rust::xxh3::Xxh3, f: &GroupField| {
+    buf.clear();
+    buf.extend_from_slice(&view.to_le_bytes());
+    let size = match size {
+        WindowSize::Fixed(ms) => ms,
+        WindowSize::LocalDay => -1,
+    };
+    buf.extend_from_slice(&size.to_le_bytes());
+    buf.extend_from_slice(&start.to_le_bytes());
+    let put = |buf: &mut Vec<u8>, f: &GroupField| {
         let v: &str = match f {
             GroupField::ProviderId => &e.provider_id,
             GroupField::ProductId => &e.product_id,
@@ -234,17 +235,17 @@ fn row_id(
             GroupField::Currency => e.currency.as_str(),
             GroupField::Attr(n) => e.attr(n),
         };
-        h.update(&(v.len() as u32).to_le_bytes());
-        h.update(v.as_bytes());
+        buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        buf.extend_from_slice(v.as_bytes());
     };
     for f in group {
-        put(&mut h, f);
+        put(buf, f);
     }
     if let Some(m) = member {
-        h.update(b"|member|");
-        put(&mut h, m);
+        buf.extend_from_slice(b"|member|");
+        put(buf, m);
     }
-    h.digest128()
+    xxhash_rust::xxh3::xxh3_128(buf)
 }
 
 /// Row deltas of one epoch, pre-aggregated on one worker.
@@ -277,28 +278,29 @@ impl Partial {
 }
 
 pub(super) fn explode<'s>(
-    counted: Stream<'s, Epoch, Vec<(Event, i64)>>,
+    counted: Stream<'s, Epoch, Vec<(Box<Event>, i64)>>,
     clock: Stream<'s, Epoch, Vec<Millis>>,
     plan: Arc<Plan>,
 ) -> Stream<'s, Epoch, Vec<Partial>> {
+    struct RowAcc {
+        key: RowKey,
+        end: Millis,
+        sums: Sums,
+        customers: Vec<(u128, i64)>,
+        tickets: Vec<(i64, i64)>,
+    }
     let mut assigner = Assigner::default();
+    // Kept across epochs so they do not grow from empty every time.
+    let mut rows: Map<RowId, RowAcc> = Map::default();
+    let mut members: Map<RowId, (RowId, RowKey, CompactString, Millis, Sums)> = Map::default();
+    let mut windows = Vec::with_capacity(plan.sizes.len());
+    let mut buf = Vec::with_capacity(256);
     epochs(
         counted,
         clock,
         Local,
         "Explode",
-        move |_e, batch: Vec<(Event, i64)>, _clock, out: &mut Vec<Partial>| {
-            struct RowAcc {
-                key: RowKey,
-                end: Millis,
-                sums: Sums,
-                customers: Vec<(u128, i64)>,
-                tickets: Vec<(i64, i64)>,
-            }
-            let mut rows: Map<RowId, RowAcc> = Map::default();
-            let mut members: Map<RowId, (RowId, RowKey, CompactString, Millis, Sums)> =
-                Map::default();
-            let mut windows = Vec::with_capacity(plan.sizes.len());
+        move |_e, batch: Vec<(Box<Event>, i64)>, _clock, out: &mut Vec<Partial>| {
             for (e, diff) in &batch {
                 let tz = plan.zone(&e.provider_id);
                 windows.clear();
@@ -317,10 +319,17 @@ pub(super) fn explode<'s>(
                             start: w.start,
                             group: v.group.iter().map(|f| field(e, f)).collect(),
                         };
-                        let id = row_id(vi as u16, *size, w.start, e, &v.group, None);
+                        let id = row_id(&mut buf, vi as u16, *size, w.start, e, &v.group, None);
                         if let Some(top) = &v.top {
-                            let mid =
-                                row_id(vi as u16, *size, w.start, e, &v.group, Some(&top.key));
+                            let mid = row_id(
+                                &mut buf,
+                                vi as u16,
+                                *size,
+                                w.start,
+                                e,
+                                &v.group,
+                                Some(&top.key),
+                            );
                             let m = members.entry(mid).or_insert_with(|| {
                                 (id, key(), field(e, &top.key), w.end, Sums::default())
                             });
@@ -345,7 +354,7 @@ pub(super) fn explode<'s>(
                 }
             }
             use differential_dataflow::consolidation::consolidate;
-            for (id, mut acc) in rows {
+            for (id, mut acc) in rows.drain() {
                 consolidate(&mut acc.customers);
                 consolidate(&mut acc.tickets);
                 out.push(Partial::Row {
@@ -357,7 +366,7 @@ pub(super) fn explode<'s>(
                     tickets: acc.tickets,
                 });
             }
-            for (_, (id, key, member, end, sums)) in members {
+            for (_, (id, key, member, end, sums)) in members.drain() {
                 out.push(Partial::Member {
                     id,
                     key,
@@ -501,11 +510,11 @@ pub(super) fn rows<'s>(
                     rows.get(&id).map(|(k, _)| k.clone())
                 };
                 if new != old {
-                    out.push(super::Out::Row(RowUpdate {
+                    out.push(super::Out::Row(Box::new(RowUpdate {
                         key: key.expect("touched rows exist"),
                         rank: 0,
                         value: new,
-                    }));
+                    })));
                 }
             }
             touched_tops.sort_unstable();
@@ -528,11 +537,11 @@ pub(super) fn rows<'s>(
                             max_ticket: None,
                             member: Some(m.clone()),
                         });
-                        out.push(super::Out::Row(RowUpdate {
+                        out.push(super::Out::Row(Box::new(RowUpdate {
                             key: key.clone(),
                             rank: rank as u32 + 1,
                             value,
-                        }));
+                        })));
                     }
                 }
                 state.shown = now;

@@ -70,8 +70,9 @@ pub struct DeadLetter {
 /// What the dataflow reports for an epoch.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Out {
-    Row(RowUpdate),
-    Dead(DeadLetter),
+    /// Boxed, like `Dead`: outputs share streams with per-event items, which stay small.
+    Row(Box<RowUpdate>),
+    Dead(Box<DeadLetter>),
     /// A void whose target did not come within the dedup horizon.
     Orphan {
         provider: String,

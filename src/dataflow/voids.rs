@@ -134,7 +134,7 @@ struct Waiting {
 }
 
 /// A change to the set of counted events.
-pub type Counted = (Event, i64);
+pub type Counted = (Box<Event>, i64);
 
 pub(super) fn voids<'s>(
     accepted: Stream<'s, Epoch, Vec<Record>>,
@@ -164,7 +164,7 @@ pub(super) fn voids<'s>(
                 match v {
                     Visit::Register(r) => {
                         expiry.at(r.event.ts.saturating_add(rules.horizon), key);
-                        *slot = register(slot, *r.event, out);
+                        *slot = register(slot, r.event, out);
                     }
                     Visit::Cancel(r) => {
                         if matches!(slot, Slot::Waiting(_)) {
@@ -201,7 +201,7 @@ pub(super) fn voids<'s>(
 }
 
 /// A record arrives as a possible target: settle the voids waiting for it.
-fn register(slot: &mut Slot, event: Event, out: &mut Vec<Result<Counted, Out>>) -> Slot {
+fn register(slot: &mut Slot, event: Box<Event>, out: &mut Vec<Result<Counted, Out>>) -> Slot {
     let waiting = match std::mem::replace(slot, Slot::Void { ts: 0 }) {
         Slot::Waiting(list) => list,
         // An id again after the horizon forgot it: a new event.
@@ -255,17 +255,17 @@ fn cancel(slot: &mut Slot, void: Record, out: &mut Vec<Result<Counted, Out>>) {
         }
         Slot::Sale { counted, .. } => {
             if let Some(e) = counted.take() {
-                out.push(Ok((unpack(&e), -1)));
+                out.push(Ok((Box::new(unpack(&e)), -1)));
             }
         }
     }
 }
 
 fn dead(reason: Reason, w: Waiting) -> Out {
-    Out::Dead(DeadLetter {
+    Out::Dead(Box::new(DeadLetter {
         reason,
         pos: w.pos,
         provider: w.provider.to_string(),
         raw: w.raw,
-    })
+    }))
 }

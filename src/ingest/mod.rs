@@ -73,6 +73,8 @@ pub enum RunError {
 #[derive(Clone, Debug)]
 pub struct EpochReport {
     pub epoch: Epoch,
+    /// The largest event time read up to this epoch.
+    pub clock: Millis,
     pub counters: Counters,
     pub rows_changed: usize,
     /// From the epoch's close to its commit.
@@ -492,12 +494,12 @@ fn commit_epoch(
     let mut rejected_decoded = 0u64;
     for o in out {
         match o {
-            Out::Row(u) => changes.push(u),
+            Out::Row(u) => changes.push(*u),
             Out::Dead(d) => {
                 if matches!(d.reason, Reason::Late | Reason::ConflictingDuplicate) {
                     rejected_decoded += 1;
                 }
-                letters.push(d);
+                letters.push(*d);
             }
             Out::Orphan { provider } => {
                 *counters.orphans_by_provider.entry(provider).or_default() += 1
@@ -567,6 +569,7 @@ fn commit_epoch(
     };
     let report = EpochReport {
         epoch: commit.epoch,
+        clock: commit.clock,
         rows_changed: commit.changes.len(),
         counters: commit.counters.clone(),
         commit_latency: Default::default(),

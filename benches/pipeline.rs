@@ -1,0 +1,153 @@
+//! Benchmarks of the whole pipeline (see benches/README.md for the commands and numbers).
+//!
+//! - `throughput --events N --workers W [--runs R]`: JSON Lines from `tally gen` (cached
+//!   under the target directory) to committed aggregates with the default pipeline,
+//!   on the embedded store; prints seconds, events/s and peak RSS per run.
+//! - `decode --events N`: decoding alone, one thread.
+//! - `rss --events N [--customers C] [--workers W]`: a generated stream straight into
+//!   the pipeline, sampling RSS every million records, with the event time reached.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tally::ingest::{self, RunConfig};
+use tally::pipeline::{Pipeline, DEFAULT_PIPELINE};
+use tally::source::gen::{GenOptions, Generator};
+use tally::source::Input;
+
+fn arg(args: &[String], name: &str, default: u64) -> u64 {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map_or(default, |v| v.parse().expect("a number"))
+}
+
+fn status(field: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+fn data_file(events: u64) -> PathBuf {
+    let dir = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
+        .join("bench-data");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("gen-seed1-{events}.jsonl"));
+    if !path.exists() {
+        let tmp = path.with_extension("tmp");
+        let mut w =
+            std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp).unwrap());
+        for l in Generator::new(GenOptions {
+            seed: 1,
+            events: Some(events),
+            ..GenOptions::default()
+        }) {
+            w.write_all(&l).unwrap();
+            w.write_all(b"\n").unwrap();
+        }
+        w.flush().unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    }
+    path
+}
+
+fn run(
+    inputs: Vec<Input>,
+    workers: usize,
+    observe: impl FnMut(&ingest::EpochReport) + Send + 'static,
+) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = Arc::new(Pipeline::parse("sales.toml", DEFAULT_PIPELINE).unwrap());
+    let cfg = RunConfig {
+        pipeline,
+        data_dir: dir.path().to_owned(),
+        workers,
+        inputs,
+        follow: false,
+        until_eof: true,
+        stop: Arc::new(AtomicBool::new(false)),
+    };
+    let start = Instant::now();
+    ingest::run(cfg, observe).unwrap();
+    start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    tally::tune_allocator();
+    let args: Vec<String> = std::env::args().collect();
+    let mode = args
+        .iter()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .cloned()
+        .unwrap_or_default();
+    match mode.as_str() {
+        "throughput" => {
+            let events = arg(&args, "--events", 10_000_000);
+            let workers = arg(&args, "--workers", 1) as usize;
+            let runs = arg(&args, "--runs", 1);
+            let file = data_file(events);
+            for _ in 0..runs {
+                let secs = run(vec![Input::Path(file.clone())], workers, |_| {});
+                println!(
+                    "throughput workers={workers} events={events} seconds={secs:.2} events_per_s={:.0} per_worker={:.0} peak_rss_mb={}",
+                    events as f64 / secs,
+                    events as f64 / secs / workers as f64,
+                    status("VmHWM:") >> 20
+                );
+            }
+        }
+        "decode" => {
+            let events = arg(&args, "--events", 2_000_000);
+            let file = data_file(events);
+            let lines: Vec<Vec<u8>> = std::io::BufReader::new(std::fs::File::open(file).unwrap()).split(b'\n').map(Result::unwrap).collect();
+            let bytes: usize = lines.iter().map(Vec::len).sum();
+            for _ in 0..3 {
+                let start = Instant::now();
+                let ok = lines.iter().filter(|l| tally::decode::decode(l).is_ok()).count();
+                let secs = start.elapsed().as_secs_f64();
+                println!(
+                    "decode records={} ok={ok} seconds={secs:.3} records_per_s={:.0} ns_per_record={:.0} mb_per_s={:.0}",
+                    lines.len(),
+                    lines.len() as f64 / secs,
+                    secs * 1e9 / lines.len() as f64,
+                    bytes as f64 / secs / 1e6
+                );
+            }
+        }
+        "rss" => {
+            let events = arg(&args, "--events", 30_000_000);
+            let customers = arg(&args, "--customers", 5_000) as usize;
+            let workers = arg(&args, "--workers", 2) as usize;
+            let g = GenOptions { seed: 2, events: Some(events), customers, ..GenOptions::default() };
+            let start_ts = g.start;
+            let started = Instant::now();
+            let seen = Arc::new(Mutex::new((0u64, 0u64)));
+            let s = Arc::clone(&seen);
+            println!("| records | event time reached (days) | elapsed (s) | RSS (MB) |");
+            println!("|---:|---:|---:|---:|");
+            let secs = run(vec![Input::Generated(g)], workers, move |r| {
+                let mut g = s.lock().unwrap();
+                g.0 += r.counters.records;
+                if g.0 >= g.1 + 1_000_000 {
+                    g.1 = g.0 / 1_000_000 * 1_000_000;
+                    println!(
+                        "| {} | {:.2} | {:.0} | {} |",
+                        g.0,
+                        (r.clock - start_ts) as f64 / 86_400_000.0,
+                        started.elapsed().as_secs_f64(),
+                        status("VmRSS:") >> 20
+                    );
+                }
+            });
+            println!("rss events={events} seconds={secs:.1} events_per_s={:.0} peak_rss_mb={}", events as f64 / secs, status("VmHWM:") >> 20);
+        }
+        _ => eprintln!("usage: cargo bench --bench pipeline -- throughput|decode|rss [--events N] [--workers W] [--runs R]"),
+    }
+}
