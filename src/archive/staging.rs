@@ -10,9 +10,10 @@
 
 use crate::dataflow::Epoch;
 use crate::model::{Millis, Position};
+use crate::store::frame;
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 /// One record as staged: where it was read, its watermark, and its bytes.
@@ -95,20 +96,7 @@ impl StagingLog {
     /// Appends one epoch durably; returns the log's new length.
     pub fn append(&mut self, e: &StagedEpoch) -> io::Result<u64> {
         let body = bincode::serialize(e).map_err(io::Error::other)?;
-        let mut frame = Vec::with_capacity(12 + body.len());
-        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&body).to_le_bytes());
-        frame.extend_from_slice(&body);
-        if let Err(err) = self
-            .file
-            .write_all(&frame)
-            .and_then(|()| self.file.sync_data())
-        {
-            let _ = self.file.set_len(self.len);
-            let _ = self.file.seek(SeekFrom::Start(self.len));
-            return Err(err);
-        }
-        self.len += frame.len() as u64;
+        frame::append(&mut self.file, &mut self.len, &body)?;
         Ok(self.len)
     }
 
@@ -117,29 +105,17 @@ impl StagingLog {
         let mut r = BufReader::new(File::open(&self.path)?.take(self.len));
         let path = self.path.clone();
         Ok(std::iter::from_fn(move || {
-            let mut head = [0u8; 12];
-            match r.read_exact(&mut head) {
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return None,
-                Err(e) => return Some(Err(e)),
-                Ok(()) => {}
-            }
-            let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
-            let sum = u64::from_le_bytes(head[4..].try_into().expect("8 bytes"));
-            let mut body = vec![0u8; len];
             let corrupt = |what: &str| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("{}: {what}", path.display()),
+                    format!("{}: {what} inside the committed length", path.display()),
                 )
             };
-            if r.read_exact(&mut body).is_err() {
-                return Some(Err(corrupt("truncated frame inside the committed length")));
-            }
-            if xxhash_rust::xxh3::xxh3_64(&body) != sum {
-                return Some(Err(corrupt(
-                    "checksum mismatch inside the committed length",
-                )));
-            }
+            let body = match frame::read(&mut r) {
+                Ok(None) => return None,
+                Ok(Some(b)) => b,
+                Err(e) => return Some(Err(corrupt(&e.to_string()))),
+            };
             Some(bincode::deserialize(&body).map_err(|e| corrupt(&e.to_string())))
         }))
     }

@@ -446,28 +446,31 @@ pub(super) fn rows<'s>(
             let mut before: Map<RowId, Option<RowValue>> = Map::default();
             let mut touched_tops: Vec<RowId> = Vec::new();
             for p in batch {
+                // A change to a sealed window cannot happen (see the module docs); if it
+                // ever did, applying it would overwrite a committed row with a partial one.
+                let (id, key, end) = match &p {
+                    Partial::Row { id, key, end, .. } | Partial::Member { id, key, end, .. } => {
+                        (*id, key, *end)
+                    }
+                };
+                if end.saturating_add(keep) < sealed_before {
+                    tracing::error!(
+                        epoch,
+                        view = key.view,
+                        start = key.start,
+                        "change to a sealed window dropped"
+                    );
+                    continue;
+                }
                 match p {
                     Partial::Row {
-                        id,
                         key,
-                        end,
                         sums,
                         customers,
                         tickets,
+                        ..
                     } => {
-                        if end.saturating_add(keep) < sealed_before {
-                            tracing::error!(
-                                epoch,
-                                view = key.view,
-                                start = key.start,
-                                "change to a sealed window dropped"
-                            );
-                            continue;
-                        }
-                        let (_, state) = rows.entry(id).or_insert_with(|| {
-                            expiry.at(end.saturating_add(keep), id);
-                            (key, RowState::default())
-                        });
+                        let state = slot(&mut rows, &mut expiry, id, key, end.saturating_add(keep));
                         before.entry(id).or_insert_with(|| state.value());
                         state.sums.plus_equals(&sums);
                         for (c, d) in customers {
@@ -478,25 +481,9 @@ pub(super) fn rows<'s>(
                         }
                     }
                     Partial::Member {
-                        id,
-                        key,
-                        end,
-                        member,
-                        sums,
+                        key, member, sums, ..
                     } => {
-                        if end.saturating_add(keep) < sealed_before {
-                            tracing::error!(
-                                epoch,
-                                view = key.view,
-                                start = key.start,
-                                "change to a sealed window dropped"
-                            );
-                            continue;
-                        }
-                        let (_, state) = tops.entry(id).or_insert_with(|| {
-                            expiry.at(end.saturating_add(keep), id);
-                            (key, TopState::default())
-                        });
+                        let state = slot(&mut tops, &mut expiry, id, key, end.saturating_add(keep));
                         state.members.entry(member).or_default().plus_equals(&sums);
                         touched_tops.push(id);
                     }
@@ -556,6 +543,23 @@ pub(super) fn rows<'s>(
             sealed_before = sealed_before.max(clock);
         },
     )
+}
+
+/// A row's state, created (with its seal time) on first touch.
+fn slot<'a, S: Default>(
+    map: &'a mut Map<RowId, (RowKey, S)>,
+    expiry: &mut Expiry<RowId>,
+    id: RowId,
+    key: RowKey,
+    seal: Millis,
+) -> &'a mut S {
+    &mut map
+        .entry(id)
+        .or_insert_with(|| {
+            expiry.at(seal, id);
+            (key, S::default())
+        })
+        .1
 }
 
 fn bump<K>(map: &mut impl MultiSet<K>, k: K, d: i64) {

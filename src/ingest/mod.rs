@@ -310,21 +310,8 @@ pub fn run(
         if close && open.records > 0 {
             df.send(epoch, std::mem::take(&mut pending));
             df.close(epoch, clock);
-            open.staged.epoch = epoch;
-            open.staged.clock = clock;
             let closed = std::mem::replace(&mut open, Open::new(epoch + 1, clock));
-            let _ = meta_tx.send(EpochMeta {
-                epoch,
-                clock,
-                replay: false,
-                positions: positions.clone(),
-                staged: closed.staged,
-                line_dead: closed.line_dead,
-                names: Arc::clone(&names),
-                records: closed.records,
-                decoded: closed.decoded,
-                closed_at: Instant::now(),
-            });
+            let _ = meta_tx.send(closed.into_meta(epoch, clock, positions.clone(), &names));
             committed_epochs += 1;
             epoch += 1;
             deadline = Instant::now() + max_duration;
@@ -340,20 +327,7 @@ pub fn run(
     if open.records > 0 && failure.is_none() && !committer.is_finished() {
         df.send(epoch, std::mem::take(&mut pending));
         df.close(epoch, clock);
-        open.staged.epoch = epoch;
-        open.staged.clock = clock;
-        let _ = meta_tx.send(EpochMeta {
-            epoch,
-            clock,
-            replay: false,
-            positions,
-            staged: open.staged,
-            line_dead: open.line_dead,
-            names: Arc::clone(&names),
-            records: open.records,
-            decoded: open.decoded,
-            closed_at: Instant::now(),
-        });
+        let _ = meta_tx.send(open.into_meta(epoch, clock, positions, &names));
         committed_epochs += 1;
         epoch += 1;
     }
@@ -384,6 +358,30 @@ struct Open {
 }
 
 impl Open {
+    /// What the committer needs to commit this epoch.
+    fn into_meta(
+        mut self,
+        epoch: Epoch,
+        clock: Millis,
+        positions: BTreeMap<String, u64>,
+        names: &Arc<Vec<String>>,
+    ) -> EpochMeta {
+        self.staged.epoch = epoch;
+        self.staged.clock = clock;
+        EpochMeta {
+            epoch,
+            clock,
+            replay: false,
+            positions,
+            staged: self.staged,
+            line_dead: self.line_dead,
+            names: Arc::clone(names),
+            records: self.records,
+            decoded: self.decoded,
+            closed_at: Instant::now(),
+        }
+    }
+
     fn new(epoch: Epoch, clock: Millis) -> Open {
         Open {
             staged: StagedEpoch {

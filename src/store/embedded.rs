@@ -11,7 +11,7 @@
 use super::{apply, check_views, Commit, Meta, RowMap, Store, StoreError, StoredRow};
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 /// Write a snapshot once the log is this large.
@@ -118,19 +118,11 @@ impl EmbeddedStore {
     }
 }
 
-/// Reads one log frame; `None` at the end or at a torn/corrupt frame.
+/// Reads one commit; `None` at the end or at a torn/corrupt frame (the tail a crash left).
 fn read_frame(r: &mut impl Read) -> Option<(Commit, u64)> {
-    let mut head = [0u8; 12];
-    r.read_exact(&mut head).ok()?;
-    let len = u32::from_le_bytes(head[..4].try_into().ok()?) as usize;
-    let sum = u64::from_le_bytes(head[4..].try_into().ok()?);
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).ok()?;
-    if xxhash_rust::xxh3::xxh3_64(&body) != sum {
-        return None;
-    }
+    let body = super::frame::read(r).ok()??;
     let c = bincode::deserialize(&body).ok()?;
-    Some((c, 12 + len as u64))
+    Some((c, 12 + body.len() as u64))
 }
 
 impl Store for EmbeddedStore {
@@ -154,22 +146,8 @@ impl Store for EmbeddedStore {
             });
         }
         let body = bincode::serialize(&c).expect("commits serialize");
-        let mut frame = Vec::with_capacity(12 + body.len());
-        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&body).to_le_bytes());
-        frame.extend_from_slice(&body);
         let path = self.dir.join("wal.bin");
-        if let Err(e) = self
-            .wal
-            .write_all(&frame)
-            .and_then(|()| self.wal.sync_data())
-        {
-            // Cut a partly written frame off, so later commits stay readable.
-            let _ = self.wal.set_len(self.wal_len);
-            let _ = self.wal.seek(SeekFrom::Start(self.wal_len));
-            return Err(io(&path)(e));
-        }
-        self.wal_len += frame.len() as u64;
+        super::frame::append(&mut self.wal, &mut self.wal_len, &body).map_err(io(&path))?;
         apply(&mut self.meta, &mut self.rows, c)?;
         if self.wal_len > SNAPSHOT_AFTER {
             self.snapshot()?;
@@ -182,5 +160,109 @@ impl Store for EmbeddedStore {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataflow::{RowKey, RowUpdate, RowValue, Sums};
+    use crate::model::window::WindowSize;
+    use std::io::Write;
+
+    fn commit(epoch: u64, sales: i64) -> Commit {
+        let key = RowKey {
+            view: 0,
+            size: WindowSize::LocalDay,
+            start: 0,
+            group: vec!["p".into(), "USD".into()],
+        };
+        let value = RowValue {
+            sums: Sums {
+                sales,
+                gross: 100 * i128::from(sales),
+                ..Sums::default()
+            },
+            distinct_customers: 1,
+            min_ticket: Some(100),
+            max_ticket: Some(100),
+            member: None,
+        };
+        Commit {
+            epoch,
+            clock: 1_000 * epoch as i64,
+            positions: [("in.jsonl".to_owned(), 10 * epoch)].into(),
+            staging_len: 7 * epoch,
+            dead_letters_len: 3 * epoch,
+            counters: crate::store::Counters {
+                records: 5,
+                ..Default::default()
+            },
+            changes: vec![RowUpdate {
+                key,
+                rank: 0,
+                value: Some(value),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_and_the_last_whole_commit_stands() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = EmbeddedStore::open(dir.path()).unwrap();
+            s.commit(commit(1, 1)).unwrap();
+            s.commit(commit(2, 2)).unwrap();
+        }
+        // A crash in the middle of the third append.
+        let wal = dir.path().join("store/wal.bin");
+        let mut f = OpenOptions::new().append(true).open(&wal).unwrap();
+        f.write_all(&[200, 0, 0, 0, 1, 2, 3]).unwrap();
+        drop(f);
+        let mut s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!(s.meta().epoch, 2);
+        assert_eq!(s.meta().positions["in.jsonl"], 20);
+        assert_eq!(s.meta().counters.records, 10);
+        assert_eq!(s.rows()[0].1.sums.sales, 2);
+        // The cut tail does not hide later commits.
+        s.commit(commit(3, 3)).unwrap();
+        drop(s);
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!((s.meta().epoch, s.rows()[0].1.sums.sales), (3, 3));
+    }
+
+    #[test]
+    fn a_stale_commit_is_refused_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = EmbeddedStore::open(dir.path()).unwrap();
+        s.commit(commit(5, 5)).unwrap();
+        let err = s.commit(commit(5, 9)).unwrap_err();
+        assert!(matches!(
+            err,
+            StoreError::Stale {
+                offered: 5,
+                stored: 5
+            }
+        ));
+        assert!(err.to_string().contains("refused"), "{err}");
+        assert_eq!(
+            s.rows()[0].1.sums.sales,
+            5,
+            "the refused commit changed nothing"
+        );
+    }
+
+    #[test]
+    fn snapshot_and_log_together_restore_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = EmbeddedStore::open(dir.path()).unwrap();
+            s.commit(commit(1, 1)).unwrap();
+            s.snapshot().unwrap();
+            s.commit(commit(2, 4)).unwrap();
+        }
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!((s.meta().epoch, s.rows()[0].1.sums.sales), (2, 4));
+        assert_eq!(s.meta().staging_len, 14);
     }
 }

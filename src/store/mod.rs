@@ -12,6 +12,7 @@
 
 pub mod embedded;
 pub mod export;
+pub mod frame;
 
 use crate::dataflow::{Epoch, RowKey, RowUpdate, RowValue};
 use crate::model::Millis;
@@ -38,18 +39,17 @@ pub struct Counters {
 
 impl Counters {
     pub fn add(&mut self, other: &Counters) {
+        fn merge(into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>) {
+            for (k, v) in from {
+                *into.entry(k.clone()).or_default() += v;
+            }
+        }
         self.records += other.records;
         self.accepted += other.accepted;
         self.duplicates += other.duplicates;
-        for (k, v) in &other.dead_letters {
-            *self.dead_letters.entry(k.clone()).or_default() += v;
-        }
-        for (k, v) in &other.late_by_provider {
-            *self.late_by_provider.entry(k.clone()).or_default() += v;
-        }
-        for (k, v) in &other.orphans_by_provider {
-            *self.orphans_by_provider.entry(k.clone()).or_default() += v;
-        }
+        merge(&mut self.dead_letters, &other.dead_letters);
+        merge(&mut self.late_by_provider, &other.late_by_provider);
+        merge(&mut self.orphans_by_provider, &other.orphans_by_provider);
     }
 
     pub fn dead_letter_total(&self) -> u64 {
