@@ -8,4 +8,5 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tally-target}"
 export CARGO_TERM_COLOR=never
 
 cargo fmt --all -- --check
+cargo clippy --profile ci --locked --all-targets -- -D warnings
 cargo test --profile ci --locked -- --test-threads 2

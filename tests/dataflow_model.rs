@@ -134,13 +134,12 @@ fn lines(ops: &[Op]) -> Vec<String> {
     out
 }
 
+/// Epochs as the dataflow takes them (records, clock) and as the reference takes them.
+type Split = (Vec<(Vec<Record>, Millis)>, Vec<Vec<(Event, Position)>>);
+
 /// Splits records into epochs at the given cut flags, computing each record's
 /// watermark and each epoch's clock exactly as ingest does.
-fn epochs(
-    p: &Pipeline,
-    lines: &[String],
-    cuts: &[bool],
-) -> (Vec<(Vec<Record>, Millis)>, Vec<Vec<(Event, Position)>>) {
+fn epochs(p: &Pipeline, lines: &[String], cuts: &[bool]) -> Split {
     let lateness = p.allowed_lateness.as_millis() as Millis;
     let mut clock = Millis::MIN;
     let mut df = vec![(Vec::new(), clock)];

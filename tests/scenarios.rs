@@ -244,3 +244,75 @@ fn kill_at_random_moments_gives_the_uninterrupted_export() {
         "dead letters differ"
     );
 }
+
+/// SIGTERM stops reading, commits what was read and exits 0; a restart then gives the
+/// exact expected export.
+#[test]
+fn sigterm_commits_what_was_read_and_exits_cleanly() {
+    let dir = scenarios().join("voids_and_duplicates");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d");
+    let input = tmp.path().join("events.jsonl");
+    let out = tmp.path().join("out.jsonl");
+    let pipeline = scenarios().join("pipeline.toml");
+    std::fs::copy(dir.join("events.jsonl"), &input).unwrap();
+    let len = std::fs::metadata(&input).unwrap().len();
+    let child = tally()
+        .args([
+            "run",
+            input.to_str().unwrap(),
+            "--follow",
+            "--pipeline",
+            pipeline.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--workers",
+            "2",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("a first commit", Duration::from_secs(30), || {
+        committed_bytes(&data) > 0
+    });
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let done = child.wait_with_output().unwrap();
+    assert!(
+        done.status.success(),
+        "exit {:?}: {}",
+        done.status,
+        String::from_utf8_lossy(&done.stderr)
+    );
+    // The store is consistent and its position is within the file.
+    let store = tally::store::embedded::EmbeddedStore::open(&data).unwrap();
+    let pos = tally::store::Store::meta(&store)
+        .positions
+        .get(input.to_str().unwrap())
+        .copied()
+        .unwrap_or(0);
+    assert!(pos > 0 && pos <= len, "committed position {pos} of {len}");
+    drop(store);
+    ok(&[
+        "run",
+        input.to_str().unwrap(),
+        "--pipeline",
+        pipeline.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--workers",
+        "1",
+        "--until-eof",
+        "--export",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        std::fs::read_to_string(dir.join("expected.jsonl")).unwrap()
+    );
+    assert_eq!(dead_letters_by_line(&data, &input), expected_dead(&dir));
+}

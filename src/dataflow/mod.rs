@@ -335,7 +335,7 @@ where
 }
 
 /// The exchange contract of a keyed stage.
-pub(crate) fn keyed<I: 'static>(
+pub(crate) fn keyed<I>(
     key: impl Fn(&I) -> u64 + 'static,
 ) -> impl ParallelizationContract<Epoch, Vec<I>>
 where

@@ -9,16 +9,22 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 /// Appends one frame holding `body` at `*len`, durably; on failure cuts the file back
 /// to `*len` so later frames stay readable.
 pub fn append(file: &mut File, len: &mut u64, body: &[u8]) -> io::Result<()> {
-    let mut frame = Vec::with_capacity(12 + body.len());
-    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    frame.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(body).to_le_bytes());
-    frame.extend_from_slice(body);
-    if let Err(e) = file.write_all(&frame).and_then(|()| file.sync_data()) {
+    let len32 = u32::try_from(body.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame over 4 GiB"))?;
+    let mut head = [0u8; 12];
+    head[..4].copy_from_slice(&len32.to_le_bytes());
+    head[4..].copy_from_slice(&xxhash_rust::xxh3::xxh3_64(body).to_le_bytes());
+    // Header and body written apart: an epoch's staging frame is tens of MB, not copied again.
+    if let Err(e) = file
+        .write_all(&head)
+        .and_then(|()| file.write_all(body))
+        .and_then(|()| file.sync_data())
+    {
         let _ = file.set_len(*len);
         let _ = file.seek(SeekFrom::Start(*len));
         return Err(e);
     }
-    *len += frame.len() as u64;
+    *len += 12 + body.len() as u64;
     Ok(())
 }
 
