@@ -22,8 +22,8 @@ pub(super) fn admit<'s>(
     rules: Rules,
 ) -> (Stream<'s, Epoch, Vec<Record>>, Stream<'s, Epoch, Vec<Out>>) {
     // event_id digest -> fingerprint of the first copy.
-    let mut seen: HashMap<u128, u64, ahash::RandomState> = HashMap::default();
-    let mut expiry: Expiry<u128> = Expiry::default();
+    let mut seen: HashMap<super::Digest, u64, ahash::RandomState> = HashMap::default();
+    let mut expiry: Expiry<super::Digest> = Expiry::default();
     let decided = epochs(
         records,
         clock,

@@ -198,8 +198,8 @@ fn field(e: &Event, f: &GroupField) -> CompactString {
     }
 }
 
-fn customer_digest(e: &Event) -> u128 {
-    xxhash_rust::xxh3::xxh3_128(e.customer_id.as_bytes())
+fn customer_digest(e: &Event) -> super::Digest {
+    super::id_digest(&e.customer_id)
 }
 
 /// A 128-bit digest of a row's identity (view, window, group values): rows are found
@@ -256,7 +256,7 @@ pub enum Partial {
         key: RowKey,
         end: Millis,
         sums: Sums,
-        customers: Vec<(u128, i64)>,
+        customers: Vec<(super::Digest, i64)>,
         tickets: Vec<(i64, i64)>,
     },
     /// A top-k member's deltas; `id` is its group's row.
@@ -286,7 +286,7 @@ pub(super) fn explode<'s>(
         key: RowKey,
         end: Millis,
         sums: Sums,
-        customers: Vec<(u128, i64)>,
+        customers: Vec<(super::Digest, i64)>,
         tickets: Vec<(i64, i64)>,
     }
     let mut assigner = Assigner::default();
@@ -382,7 +382,7 @@ pub(super) fn explode<'s>(
 #[derive(Default)]
 struct RowState {
     sums: Sums,
-    customers: Map<u128, i64>,
+    customers: Map<super::Digest, i64>,
     tickets: BTreeMap<i64, i64>,
 }
 

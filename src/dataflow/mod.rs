@@ -31,8 +31,7 @@ use crate::model::{Event, Millis, Position};
 use crate::pipeline::Pipeline;
 use crossbeam_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use timely::dataflow::channels::pact::{Exchange, ParallelizationContract, Pipeline as Local};
@@ -220,9 +219,13 @@ impl Dataflow {
 }
 
 /// The 128-bit digest an id is held under in state (collisions: about 2^-128 a pair).
-pub(crate) fn id_digest(id: &str) -> u128 {
-    xxhash_rust::xxh3::xxh3_128(id.as_bytes())
+pub(crate) fn id_digest(id: &str) -> Digest {
+    let d = xxhash_rust::xxh3::xxh3_128(id.as_bytes());
+    [d as u64, (d >> 64) as u64]
 }
+
+/// A 128-bit digest as two words: 8-byte aligned, so hash table entries carry no padding.
+pub(crate) type Digest = [u64; 2];
 
 /// Routes by a stable hash, the same in every process.
 pub(crate) fn route(bytes: &[u8]) -> u64 {
@@ -344,30 +347,57 @@ where
     Exchange::new(move |x: &I| key(x))
 }
 
-/// Keys that leave state at an event time: a min-heap of (time, key).
-pub(crate) struct Expiry<K: Ord> {
-    heap: BinaryHeap<Reverse<(Millis, K)>>,
+/// Keys that leave state at an event time, exactly: buckets of one minute holding
+/// (offset in the minute, key), so an entry costs its key plus 4 bytes and whole
+/// minutes leave at once; only the minute the clock is in is checked entry by entry.
+pub(crate) struct Expiry<K> {
+    buckets: BTreeMap<i64, Vec<(u32, K)>>,
 }
 
-impl<K: Ord> Default for Expiry<K> {
+const BUCKET: Millis = 60_000;
+
+impl<K> Default for Expiry<K> {
     fn default() -> Self {
         Expiry {
-            heap: BinaryHeap::new(),
+            buckets: BTreeMap::new(),
         }
     }
 }
 
-impl<K: Ord> Expiry<K> {
+impl<K> Expiry<K> {
     pub fn at(&mut self, when: Millis, key: K) {
-        self.heap.push(Reverse((when, key)));
+        let b = when.div_euclid(BUCKET);
+        let offset = (when - b * BUCKET) as u32;
+        self.buckets.entry(b).or_default().push((offset, key));
     }
 
-    /// Removes and returns keys whose time is before `clock`.
-    pub fn due(&mut self, clock: Millis) -> impl Iterator<Item = K> + '_ {
-        std::iter::from_fn(move || match self.heap.peek() {
-            Some(Reverse((t, _))) if *t < clock => self.heap.pop().map(|Reverse((_, k))| k),
-            _ => None,
-        })
+    /// Removes and returns the keys whose time is before `clock`.
+    pub fn due(&mut self, clock: Millis) -> Vec<K> {
+        let mut out = Vec::new();
+        while let Some(mut first) = self.buckets.first_entry() {
+            let start = first.key().saturating_mul(BUCKET);
+            if start.saturating_add(BUCKET) <= clock {
+                out.extend(first.remove().into_iter().map(|(_, k)| k));
+            } else {
+                if start < clock {
+                    let cut = (clock - start) as u32;
+                    let list = first.get_mut();
+                    let mut i = 0;
+                    while i < list.len() {
+                        if list[i].0 < cut {
+                            out.push(list.swap_remove(i).1);
+                        } else {
+                            i += 1;
+                        }
+                    }
+                    if list.is_empty() {
+                        first.remove();
+                    }
+                }
+                break;
+            }
+        }
+        out
     }
 }
 

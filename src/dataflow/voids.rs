@@ -147,8 +147,8 @@ pub(super) fn voids<'s>(
         std::iter::once(Visit::Register(r)).chain(cancel)
     });
     // Target id digest -> what is known under it.
-    let mut slots: HashMap<u128, Slot, ahash::RandomState> = HashMap::default();
-    let mut expiry: Expiry<u128> = Expiry::default();
+    let mut slots: HashMap<super::Digest, Slot, ahash::RandomState> = HashMap::default();
+    let mut expiry: Expiry<super::Digest> = Expiry::default();
     let resolved = epochs(
         visits,
         clock,
