@@ -193,3 +193,57 @@ fn stdin_is_an_input() {
         "{dead}"
     );
 }
+
+/// Epochs close by time even when input never pauses (freshness under load).
+#[test]
+fn epochs_are_cut_by_time_under_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("e.jsonl");
+    ok(&[
+        "gen",
+        "--events",
+        "200000",
+        "--seed",
+        "4",
+        "--out",
+        f.to_str().unwrap(),
+    ]);
+    let p = tmp.path().join("p.toml");
+    let pipeline = tally::pipeline::DEFAULT_PIPELINE
+        .replace("max_duration = \"250ms\"", "max_duration = \"20ms\"")
+        .replace("max_events = 100000", "max_events = 100000000");
+    std::fs::write(&p, pipeline).unwrap();
+    let data = tmp.path().join("d");
+    let started = std::time::Instant::now();
+    ok(&[
+        "run",
+        f.to_str().unwrap(),
+        "--pipeline",
+        p.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--until-eof",
+        "--workers",
+        "1",
+    ]);
+    let took = started.elapsed();
+    let store = tally::store::embedded::EmbeddedStore::open(&data).unwrap();
+    let meta = tally::store::Store::meta(&store).clone();
+    let staging = tally::archive::staging::StagingLog::open(&data, meta.staging_len).unwrap();
+    let sizes: Vec<usize> = staging
+        .read()
+        .unwrap()
+        .map(|e| e.unwrap().records.len())
+        .collect();
+    let largest = sizes.iter().max().copied().unwrap_or(0);
+    // The run takes far longer than 20 ms. Cut only when the input pauses (the bug this
+    // guards against), it gave about 6 epochs; cut by time, about 19.
+    assert!(took.as_millis() > 500, "too fast to tell: {took:?}");
+    assert_eq!(sizes.iter().sum::<usize>(), 200_000);
+    assert!(
+        sizes.len() as u64 == meta.epoch && sizes.len() >= 12,
+        "{} epochs in {took:?}: {sizes:?}",
+        sizes.len()
+    );
+    assert!(largest < 200_000);
+}

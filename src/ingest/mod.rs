@@ -225,7 +225,12 @@ pub fn run(
     // Live reading.
     let names = Arc::new(names);
     let mut epoch = meta.epoch + 1;
-    let mut clock = meta.clock;
+    // No event time read yet on a fresh store (0 would be a real instant: 1970).
+    let mut clock = if meta.epoch == 0 {
+        Millis::MIN
+    } else {
+        meta.clock
+    };
     let mut positions = meta.positions.clone();
     let mut open = Open::new(epoch, clock);
     let mut pending: Vec<Record> = Vec::new();
@@ -246,6 +251,7 @@ pub fn run(
         match sources.rx.recv_deadline(deadline) {
             Ok(SourceMsg::Lines { source, lines }) => {
                 let name = &names[source as usize];
+                let mut end = None;
                 for line in lines {
                     let pos = Position {
                         source,
@@ -278,9 +284,13 @@ pub fn run(
                         }
                         Err(reason) => open.line_dead.push((pos, reason, line.raw)),
                     }
-                    positions.insert(name.clone(), line.end);
+                    end = Some(line.end);
                 }
-                close = open.records >= max_events as u64;
+                if let Some(end) = end {
+                    positions.insert(name.clone(), end);
+                }
+                // A busy channel never times out: the time limit is checked here too.
+                close = open.records >= max_events as u64 || Instant::now() >= deadline;
             }
             Ok(SourceMsg::Eof) => {
                 eofs += 1;
