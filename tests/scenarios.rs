@@ -316,3 +316,114 @@ fn sigterm_commits_what_was_read_and_exits_cleanly() {
     );
     assert_eq!(dead_letters_by_line(&data, &input), expected_dead(&dir));
 }
+
+/// A restart after days of event time replays only the staging-log epochs whose
+/// effects may still matter, and the export is still exactly the uninterrupted one.
+#[test]
+fn a_restart_after_days_skips_expired_epochs_and_stays_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = |x: &Path| x.to_str().unwrap().to_owned();
+    let all = tmp.path().join("all.jsonl");
+    // 60,000 records over about six days of event time.
+    ok(&[
+        "gen",
+        "--events",
+        "60000",
+        "--seed",
+        "21",
+        "--events-per-second",
+        "0.115",
+        "--bad-rate",
+        "0.002",
+        "--out",
+        &p(&all),
+    ]);
+    let pipeline = tmp.path().join("p.toml");
+    std::fs::write(
+        &pipeline,
+        tally::pipeline::DEFAULT_PIPELINE.replace("max_events = 100000", "max_events = 500"),
+    )
+    .unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let (out_a, out_b) = (tmp.path().join("a.jsonl"), tmp.path().join("b.jsonl"));
+    ok(&[
+        "run",
+        &p(&all),
+        "--pipeline",
+        &p(&pipeline),
+        "--data-dir",
+        &p(&a),
+        "--until-eof",
+        "--workers",
+        "2",
+        "--export",
+        &p(&out_a),
+    ]);
+
+    let bytes = std::fs::read(&all).unwrap();
+    // Split after the newline that ends two thirds of the records (bad records are not all UTF-8).
+    let newlines: Vec<usize> = bytes
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'\n')
+        .map(|(i, _)| i)
+        .collect();
+    let cut = newlines[newlines.len() * 2 / 3] + 1;
+    let input = tmp.path().join("in.jsonl");
+    std::fs::write(&input, &bytes[..cut]).unwrap();
+    ok(&[
+        "run",
+        &p(&input),
+        "--pipeline",
+        &p(&pipeline),
+        "--data-dir",
+        &p(&b),
+        "--until-eof",
+        "--workers",
+        "2",
+    ]);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&input)
+        .unwrap();
+    f.write_all(&bytes[cut..]).unwrap();
+    drop(f);
+    let out = tally()
+        .env("TALLY_LOG", "info")
+        .args([
+            "run",
+            &p(&input),
+            "--pipeline",
+            &p(&pipeline),
+            "--data-dir",
+            &p(&b),
+            "--until-eof",
+            "--workers",
+            "1",
+            "--export",
+            &p(&out_b),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    let skipped: u64 = log
+        .split("skipped=")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no skipped= in the log:\n{log}"));
+    assert!(skipped > 10, "only {skipped} epochs skipped:\n{log}");
+    assert!(
+        std::fs::read_to_string(&out_a).unwrap() == std::fs::read_to_string(&out_b).unwrap(),
+        "exports differ"
+    );
+    assert_eq!(
+        dead_letters_by_line(&a, &all),
+        dead_letters_by_line(&b, &input)
+    );
+}

@@ -161,7 +161,7 @@ pub fn demo(a: DemoArgs) -> Result<Exit> {
         }
     }
     println!();
-    println!("Try next:");
+    println!("Try next (from the source tree, `cargo run --release --` in place of `tally`):");
     println!("  tally gen --events 100000 --bad-rate 0.01 --out events.jsonl");
     println!("  tally validate events.jsonl                 # data-quality report per reason");
     println!("  tally run events.jsonl --until-eof --data-dir d --export out.jsonl");

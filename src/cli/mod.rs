@@ -264,6 +264,7 @@ fn run(a: RunArgs) -> Result<Exit> {
         records = summary.records,
         epochs = summary.committed_epochs,
         replayed = summary.replayed_epochs,
+        skipped = summary.skipped_epochs,
         "run finished"
     );
     if let Some(path) = &a.export {

@@ -84,6 +84,8 @@ pub struct EpochReport {
 /// What a finished run did.
 #[derive(Debug)]
 pub struct RunSummary {
+    /// Staging-log epochs whose effects had all expired, not replayed.
+    pub skipped_epochs: u64,
     pub replayed_epochs: u64,
     pub committed_epochs: u64,
     pub records: u64,
@@ -137,12 +139,39 @@ pub fn run(
         source,
     };
     let mut staged = staging.read().map_err(staging_err)?.peekable();
+    // Epochs whose every effect has expired by the committed clock are skipped: each
+    // window they touched is sealed, their ids, targets and waiting voids are past the
+    // horizon. Replaying them could only rebuild state that would be dropped again,
+    // so a restart costs the horizon, not the whole history.
+    let rules = crate::dataflow::Rules::of(&cfg.pipeline);
+    let longest_window = cfg
+        .pipeline
+        .views
+        .iter()
+        .flat_map(|v| &v.windows)
+        .map(|w| w.max_len())
+        .max()
+        .unwrap_or(0);
+    let reach = rules
+        .lateness
+        .max(rules.horizon)
+        .saturating_add(longest_window);
+    let mut skipped = 0u64;
+    while let Some(Ok(s)) = staged.peek() {
+        if s.clock != Millis::MIN && s.clock.saturating_add(reach) < meta.clock {
+            staged.next();
+            skipped += 1;
+        } else {
+            break;
+        }
+    }
     let first_epoch = match staged.peek() {
         Some(Ok(s)) => s.epoch,
         _ => meta.epoch + 1,
     };
-    if first_epoch <= meta.epoch {
+    if first_epoch <= meta.epoch || skipped > 0 {
         tracing::info!(
+            skipped,
             from = first_epoch,
             to = meta.epoch,
             "replaying the staging log to rebuild state"
@@ -170,7 +199,6 @@ pub fn run(
             .expect("spawn committer")
     };
 
-    let rules = crate::dataflow::Rules::of(&cfg.pipeline);
     let mut replayed = 0;
     for s in staged {
         let s = match s {
@@ -351,6 +379,7 @@ pub fn run(
     }
     result?;
     Ok(RunSummary {
+        skipped_epochs: skipped,
         replayed_epochs: replayed,
         committed_epochs,
         records: total_records,
