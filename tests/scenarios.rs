@@ -54,6 +54,30 @@ fn straight(name: &str) {
     );
 }
 
+/// Starts `tally run --follow` at 2 workers and waits for its first commit.
+fn follow_until_a_commit(input: &Path, pipeline: &Path, data: &Path) -> std::process::Child {
+    let child = tally()
+        .args([
+            "run",
+            input.to_str().unwrap(),
+            "--follow",
+            "--pipeline",
+            pipeline.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--workers",
+            "2",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("a first commit", Duration::from_secs(30), || {
+        committed_bytes(data) > 0
+    });
+    child
+}
+
 /// Half the file, a follow-mode run, the rest appended, kill -9 at once, then a
 /// restart at 3 workers that reads to the end.
 fn killed(name: &str) {
@@ -74,25 +98,7 @@ fn killed(name: &str) {
             .collect::<String>(),
     )
     .unwrap();
-    let mut child = tally()
-        .args([
-            "run",
-            input.to_str().unwrap(),
-            "--follow",
-            "--pipeline",
-            pipeline.to_str().unwrap(),
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--workers",
-            "2",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for("a first commit", Duration::from_secs(30), || {
-        committed_bytes(&data) > 0
-    });
+    let mut child = follow_until_a_commit(&input, &pipeline, &data);
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .open(&input)
@@ -257,25 +263,7 @@ fn sigterm_commits_what_was_read_and_exits_cleanly() {
     let pipeline = scenarios().join("pipeline.toml");
     std::fs::copy(dir.join("events.jsonl"), &input).unwrap();
     let len = std::fs::metadata(&input).unwrap().len();
-    let child = tally()
-        .args([
-            "run",
-            input.to_str().unwrap(),
-            "--follow",
-            "--pipeline",
-            pipeline.to_str().unwrap(),
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--workers",
-            "2",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for("a first commit", Duration::from_secs(30), || {
-        committed_bytes(&data) > 0
-    });
+    let child = follow_until_a_commit(&input, &pipeline, &data);
     let status = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
