@@ -1,6 +1,9 @@
 //! The `tally` command line: argument parsing and the commands. `main.rs` only
 //! dispatches here and maps errors to exit codes.
 
+// Doc comments here are `--help` text, where `[[sources]]` means the TOML table.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 mod demo;
 mod validate;
 
