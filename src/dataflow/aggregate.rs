@@ -382,7 +382,11 @@ pub(super) fn explode<'s>(
 #[derive(Default)]
 struct RowState {
     sums: Sums,
+    /// Counted events per customer. Once the row is closed (see `close`), customers
+    /// with one event are not held: `singles` counts them.
     customers: Map<super::Digest, i64>,
+    singles: u64,
+    closed: bool,
     tickets: BTreeMap<i64, i64>,
 }
 
@@ -390,11 +394,44 @@ impl RowState {
     fn value(&self) -> Option<RowValue> {
         (self.sums.events() > 0).then(|| RowValue {
             sums: self.sums,
-            distinct_customers: self.customers.len() as u64,
+            distinct_customers: self.customers.len() as u64 + self.singles,
             min_ticket: self.tickets.keys().next().copied(),
             max_ticket: self.tickets.keys().next_back().copied(),
             member: None,
         })
+    }
+
+    /// The window is past the lateness: no event can enter the row any more, only
+    /// voids can take events out. To tell whether a removal drops a customer it is
+    /// enough to hold the customers with two or more events and count the others.
+    fn close(&mut self) {
+        let before = self.customers.len();
+        self.customers.retain(|_, n| *n > 1);
+        self.customers.shrink_to_fit();
+        self.singles += (before - self.customers.len()) as u64;
+        self.closed = true;
+    }
+
+    fn customer(&mut self, c: super::Digest, d: i64) {
+        if !self.closed {
+            return bump(&mut self.customers, c, d);
+        }
+        match self.customers.get_mut(&c) {
+            Some(n) => {
+                *n += d;
+                debug_assert!(*n >= 0, "a customer count went negative");
+                if *n <= 1 {
+                    self.singles += u64::from(*n == 1);
+                    self.customers.remove(&c);
+                }
+            }
+            // Held as a single: only its one event can leave.
+            None if d == -1 && self.singles > 0 => self.singles -= 1,
+            None => tracing::error!(
+                d,
+                "a closed row's customers changed in a way lateness rules out"
+            ),
+        }
     }
 }
 
@@ -436,6 +473,8 @@ pub(super) fn rows<'s>(
     let mut rows: Map<RowId, (RowKey, RowState)> = Map::default();
     let mut tops: Map<RowId, (RowKey, TopState)> = Map::default();
     let mut expiry: Expiry<RowId> = Expiry::default();
+    // Rows with distinct customers close once their window is past the lateness.
+    let mut closing: Expiry<RowId> = Expiry::default();
     let mut sealed_before = Millis::MIN;
     epochs(
         partial,
@@ -470,11 +509,14 @@ pub(super) fn rows<'s>(
                         tickets,
                         ..
                     } => {
+                        if !customers.is_empty() && !rows.contains_key(&id) {
+                            closing.at(end.saturating_add(rules.lateness), id);
+                        }
                         let state = slot(&mut rows, &mut expiry, id, key, end.saturating_add(keep));
                         before.entry(id).or_insert_with(|| state.value());
                         state.sums.plus_equals(&sums);
                         for (c, d) in customers {
-                            bump(&mut state.customers, c, d);
+                            state.customer(c, d);
                         }
                         for (t, d) in tickets {
                             bump(&mut state.tickets, t, d);
@@ -534,6 +576,11 @@ pub(super) fn rows<'s>(
                 state.shown = now;
                 if state.members.is_empty() {
                     tops.remove(&id);
+                }
+            }
+            for id in closing.due(clock) {
+                if let Some((_, state)) = rows.get_mut(&id) {
+                    state.close();
                 }
             }
             for id in expiry.due(clock) {
