@@ -1,7 +1,9 @@
 //! The staging log: every decoded record that entered the dataflow, per committed epoch,
 //! with its position, watermark and the epoch's clock. Replaying it through the
-//! dataflow rebuilds every operator's state exactly as it was (same epochs, same order,
-//! same clocks), which is how a restart resumes without losing or double counting.
+//! dataflow (same epochs, same order, same clocks) rebuilds every operator's state as it
+//! was, which is how a restart resumes without losing or double counting. Epochs whose
+//! effects have all expired by the committed clock are skipped (see `ingest`): they
+//! could only rebuild state that would be dropped again.
 //!
 //! File `<data dir>/staging/log.bin`: one frame per epoch,
 //! `len u32 | xxh3 u64 | bincode(StagedEpoch)`. The committer appends and fsyncs an

@@ -7,8 +7,9 @@
 //! row that changed (or its deletion when its counted events were all voided).
 //!
 //! Row state: the sums; for `distinct_customers` a multiset of 128-bit customer
-//! digests; for min/max tickets a multiset of sale amounts; for a top-k, the sums per
-//! member. A window is sealed once the clock is past its end plus the larger of the
+//! digests (once the window is past the lateness only voids can follow, so the row is
+//! closed: customers with one event are counted instead of held); for min/max tickets
+//! a multiset of sale amounts; for a top-k, the sums per member. A window is sealed once the clock is past its end plus the larger of the
 //! allowed lateness and the dedup horizon: no event can be admitted into it and no
 //! void can reach its events any more, so its state is dropped without output.
 
@@ -188,14 +189,19 @@ impl Plan {
     }
 }
 
-fn field(e: &Event, f: &GroupField) -> CompactString {
+/// An event's value for a group-by field ("" for an absent attribute).
+fn value<'a>(e: &'a Event, f: &GroupField) -> &'a str {
     match f {
-        GroupField::ProviderId => e.provider_id.clone(),
-        GroupField::ProductId => e.product_id.clone(),
-        GroupField::CustomerId => e.customer_id.clone(),
-        GroupField::Currency => CompactString::from(e.currency.as_str()),
-        GroupField::Attr(n) => CompactString::from(e.attr(n)),
+        GroupField::ProviderId => &e.provider_id,
+        GroupField::ProductId => &e.product_id,
+        GroupField::CustomerId => &e.customer_id,
+        GroupField::Currency => e.currency.as_str(),
+        GroupField::Attr(n) => e.attr(n),
     }
+}
+
+fn field(e: &Event, f: &GroupField) -> CompactString {
+    CompactString::from(value(e, f))
 }
 
 fn customer_digest(e: &Event) -> super::Digest {
@@ -228,13 +234,7 @@ fn row_id(
     buf.extend_from_slice(&size.to_le_bytes());
     buf.extend_from_slice(&start.to_le_bytes());
     let put = |buf: &mut Vec<u8>, f: &GroupField| {
-        let v: &str = match f {
-            GroupField::ProviderId => &e.provider_id,
-            GroupField::ProductId => &e.product_id,
-            GroupField::CustomerId => &e.customer_id,
-            GroupField::Currency => e.currency.as_str(),
-            GroupField::Attr(n) => e.attr(n),
-        };
+        let v = value(e, f);
         buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
         buf.extend_from_slice(v.as_bytes());
     };
@@ -319,7 +319,6 @@ pub(super) fn explode<'s>(
                             start: w.start,
                             group: v.group.iter().map(|f| field(e, f)).collect(),
                         };
-                        let id = row_id(&mut buf, vi as u16, *size, w.start, e, &v.group, None);
                         if let Some(top) = &v.top {
                             let mid = row_id(
                                 &mut buf,
@@ -331,10 +330,14 @@ pub(super) fn explode<'s>(
                                 Some(&top.key),
                             );
                             let m = members.entry(mid).or_insert_with(|| {
+                                // The group's row: only needed the first time a member shows up.
+                                let id =
+                                    row_id(&mut buf, vi as u16, *size, w.start, e, &v.group, None);
                                 (id, key(), field(e, &top.key), w.end, Sums::default())
                             });
                             m.4.plus_equals(&sums);
                         } else {
+                            let id = row_id(&mut buf, vi as u16, *size, w.start, e, &v.group, None);
                             let acc = rows.entry(id).or_insert_with(|| RowAcc {
                                 key: key(),
                                 end: w.end,

@@ -292,17 +292,22 @@ where
             data: Vec<I>,
             clock: Option<Millis>,
         }
+        fn pending<I>(
+            stash: &mut BTreeMap<Epoch, Pending<I>>,
+            cap: Capability<Epoch>,
+        ) -> &mut Pending<I> {
+            stash.entry(*cap.time()).or_insert_with(|| Pending {
+                cap,
+                data: Vec::new(),
+                clock: None,
+            })
+        }
         let mut stash: BTreeMap<Epoch, Pending<I>> = BTreeMap::new();
         let mut produced: Vec<O> = Vec::new();
         move |(data_in, data_frontier), (clock_in, clock_frontier), output| {
             data_in.for_each_stamp(|cap, containers| {
                 if let Some(cap) = cap.retain_least(output.output_index()) {
-                    let e = *cap.time();
-                    let p = stash.entry(e).or_insert_with(|| Pending {
-                        cap,
-                        data: Vec::new(),
-                        clock: None,
-                    });
+                    let p = pending(&mut stash, cap);
                     for c in containers {
                         p.data.append(c);
                     }
@@ -310,12 +315,7 @@ where
             });
             clock_in.for_each_stamp(|cap, containers| {
                 if let Some(cap) = cap.retain_least(output.output_index()) {
-                    let e = *cap.time();
-                    let p = stash.entry(e).or_insert_with(|| Pending {
-                        cap,
-                        data: Vec::new(),
-                        clock: None,
-                    });
+                    let p = pending(&mut stash, cap);
                     for c in containers {
                         for t in c.drain(..) {
                             p.clock = Some(p.clock.map_or(t, |x: Millis| x.max(t)));

@@ -12,7 +12,8 @@
 //! and the two file lengths. A crash anywhere leaves the store at `e - 1` or `e`; at
 //! the next start the staging log and dead-letter file are cut back to the lengths the
 //! store holds, the staging log is replayed through the dataflow (rebuilding its state
-//! without committing anything), and reading resumes at the committed positions.
+//! without committing anything; epochs whose effects have all expired are skipped),
+//! and reading resumes at the committed positions.
 //!
 //! Backpressure. At most [`IN_FLIGHT`] epochs may be closed but not committed; the
 //! loop blocks after that, and bounded channels block the readers in turn.
@@ -466,11 +467,9 @@ fn commit_loop(
     let mut pending: BTreeMap<Epoch, PendingEpoch> = BTreeMap::new();
     let mut metas_open = true;
     let mut outputs_open = true;
-    while metas_open || outputs_open || !pending.is_empty() {
-        if !metas_open && !outputs_open {
-            // Nothing more can arrive: whatever is incomplete never closed.
-            break;
-        }
+    // Once both channels are closed nothing more can arrive: an epoch still pending
+    // then never closed (the run stopped before it), and is not committed.
+    while metas_open || outputs_open {
         let fresh = || PendingEpoch {
             meta: None,
             out: Vec::new(),
@@ -604,17 +603,19 @@ fn commit_epoch(
         counters,
         changes,
     };
-    let report = EpochReport {
-        epoch: commit.epoch,
-        clock: commit.clock,
-        rows_changed: commit.changes.len(),
-        counters: commit.counters.clone(),
-        commit_latency: Default::default(),
-    };
+    let (epoch, clock, rows_changed, counters) = (
+        commit.epoch,
+        commit.clock,
+        commit.changes.len(),
+        commit.counters.clone(),
+    );
     store.commit(commit)?;
     Ok(EpochReport {
+        epoch,
+        clock,
+        rows_changed,
+        counters,
         commit_latency: m.closed_at.elapsed(),
-        ..report
     })
 }
 
