@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{ok, tally};
+use common::{gen_to, ok, run_until_eof, tally};
 
 #[test]
 fn gen_is_deterministic() {
@@ -45,17 +45,10 @@ fn gen_is_deterministic() {
 fn validate_reports_every_reason_and_exits_1() {
     let tmp = tempfile::tempdir().unwrap();
     let f = tmp.path().join("e.jsonl");
-    ok(&[
-        "gen",
-        "--events",
-        "8000",
-        "--seed",
-        "1",
-        "--bad-rate",
-        "0.05",
-        "--out",
-        f.to_str().unwrap(),
-    ]);
+    gen_to(
+        &f,
+        &["--events", "8000", "--seed", "1", "--bad-rate", "0.05"],
+    );
     let out = tally()
         .args(["validate", f.to_str().unwrap()])
         .output()
@@ -87,17 +80,7 @@ fn validate_reports_every_reason_and_exits_1() {
 fn validate_of_a_clean_file_exits_0() {
     let tmp = tempfile::tempdir().unwrap();
     let f = tmp.path().join("e.jsonl");
-    ok(&[
-        "gen",
-        "--events",
-        "3000",
-        "--seed",
-        "2",
-        "--late-rate",
-        "0",
-        "--out",
-        f.to_str().unwrap(),
-    ]);
+    gen_to(&f, &["--events", "3000", "--seed", "2", "--late-rate", "0"]);
     let out = tally()
         .args(["validate", f.to_str().unwrap()])
         .output()
@@ -199,15 +182,7 @@ fn stdin_is_an_input() {
 fn epochs_are_cut_by_time_under_load() {
     let tmp = tempfile::tempdir().unwrap();
     let f = tmp.path().join("e.jsonl");
-    ok(&[
-        "gen",
-        "--events",
-        "200000",
-        "--seed",
-        "4",
-        "--out",
-        f.to_str().unwrap(),
-    ]);
+    gen_to(&f, &["--events", "200000", "--seed", "4"]);
     let p = tmp.path().join("p.toml");
     let pipeline = tally::pipeline::DEFAULT_PIPELINE
         .replace("max_duration = \"250ms\"", "max_duration = \"20ms\"")
@@ -215,17 +190,7 @@ fn epochs_are_cut_by_time_under_load() {
     std::fs::write(&p, pipeline).unwrap();
     let data = tmp.path().join("d");
     let started = std::time::Instant::now();
-    ok(&[
-        "run",
-        f.to_str().unwrap(),
-        "--pipeline",
-        p.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--until-eof",
-        "--workers",
-        "1",
-    ]);
+    run_until_eof(&f, &data, Some(1), Some(&p), None);
     let took = started.elapsed();
     let store = tally::store::embedded::EmbeddedStore::open(&data).unwrap();
     let meta = tally::store::Store::meta(&store).clone();
@@ -254,17 +219,10 @@ fn epochs_are_cut_by_time_under_load() {
 fn a_directory_from_the_pipeline_sources_reads_like_its_files_concatenated() {
     let tmp = tempfile::tempdir().unwrap();
     let all = tmp.path().join("all.jsonl");
-    ok(&[
-        "gen",
-        "--events",
-        "30000",
-        "--seed",
-        "12",
-        "--bad-rate",
-        "0.01",
-        "--out",
-        all.to_str().unwrap(),
-    ]);
+    gen_to(
+        &all,
+        &["--events", "30000", "--seed", "12", "--bad-rate", "0.01"],
+    );
     let bytes = std::fs::read(&all).unwrap();
     let newlines: Vec<usize> = bytes
         .iter()
@@ -295,15 +253,7 @@ fn a_directory_from_the_pipeline_sources_reads_like_its_files_concatenated() {
     .unwrap();
     let (d1, d2) = (tmp.path().join("d1"), tmp.path().join("d2"));
     let (o1, o2) = (tmp.path().join("o1.jsonl"), tmp.path().join("o2.jsonl"));
-    ok(&[
-        "run",
-        all.to_str().unwrap(),
-        "--data-dir",
-        d1.to_str().unwrap(),
-        "--until-eof",
-        "--export",
-        o1.to_str().unwrap(),
-    ]);
+    run_until_eof(&all, &d1, None, None, Some(&o1));
     ok(&[
         "run",
         "--pipeline",

@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::{committed_bytes, dead_letters_by_line, ok, scenarios, tally, wait_for};
+use common::{
+    committed_bytes, dead_letters_by_line, gen_to, run_until_eof, scenarios, tally, wait_for,
+};
 use std::io::Write;
 use std::path::Path;
 use std::process::Stdio;
@@ -24,6 +26,19 @@ fn expected_dead(dir: &Path) -> Vec<(usize, String)> {
     v
 }
 
+/// The export at `out` and the dead letters in `data` are the scenario's expected ones.
+fn assert_expected(name: &str, data: &Path, input: &Path, out: &Path, when: &str) {
+    let dir = scenarios().join(name);
+    let got = std::fs::read_to_string(out).unwrap();
+    let want = std::fs::read_to_string(dir.join("expected.jsonl")).unwrap();
+    assert_eq!(got, want, "{name}: export {when} differs");
+    assert_eq!(
+        dead_letters_by_line(data, input),
+        expected_dead(&dir),
+        "{name}: dead letters {when} differ"
+    );
+}
+
 fn straight(name: &str) {
     let dir = scenarios().join(name);
     let tmp = tempfile::tempdir().unwrap();
@@ -31,27 +46,8 @@ fn straight(name: &str) {
     let out = tmp.path().join("out.jsonl");
     let events = dir.join("events.jsonl");
     let pipeline = scenarios().join("pipeline.toml");
-    ok(&[
-        "run",
-        events.to_str().unwrap(),
-        "--pipeline",
-        pipeline.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--workers",
-        "1",
-        "--until-eof",
-        "--export",
-        out.to_str().unwrap(),
-    ]);
-    let got = std::fs::read_to_string(&out).unwrap();
-    let want = std::fs::read_to_string(dir.join("expected.jsonl")).unwrap();
-    assert_eq!(got, want, "{name}: export differs");
-    assert_eq!(
-        dead_letters_by_line(&data, &events),
-        expected_dead(&dir),
-        "{name}: dead letters differ"
-    );
+    run_until_eof(&events, &data, Some(1), Some(&pipeline), Some(&out));
+    assert_expected(name, &data, &events, &out, "of a straight run");
 }
 
 /// Starts `tally run --follow` at 2 workers and waits for its first commit.
@@ -109,30 +105,8 @@ fn killed(name: &str) {
     drop(f);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    ok(&[
-        "run",
-        input.to_str().unwrap(),
-        "--pipeline",
-        pipeline.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--workers",
-        "3",
-        "--until-eof",
-        "--export",
-        out.to_str().unwrap(),
-    ]);
-    let got = std::fs::read_to_string(&out).unwrap();
-    let want = std::fs::read_to_string(dir.join("expected.jsonl")).unwrap();
-    assert_eq!(
-        got, want,
-        "{name}: export after kill -9 and restart differs"
-    );
-    assert_eq!(
-        dead_letters_by_line(&data, &input),
-        expected_dead(&dir),
-        "{name}: dead letters after restart differ"
-    );
+    run_until_eof(&input, &data, Some(3), Some(&pipeline), Some(&out));
+    assert_expected(name, &data, &input, &out, "after kill -9 and restart");
 }
 
 #[test]
@@ -162,30 +136,13 @@ fn kill_at_random_moments_gives_the_uninterrupted_export() {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("events.jsonl");
     let p = |x: &Path| x.to_str().unwrap().to_owned();
-    ok(&[
-        "gen",
-        "--events",
-        "300000",
-        "--seed",
-        "11",
-        "--bad-rate",
-        "0.003",
-        "--out",
-        &p(&input),
-    ]);
+    gen_to(
+        &input,
+        &["--events", "300000", "--seed", "11", "--bad-rate", "0.003"],
+    );
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let (out_a, out_b) = (tmp.path().join("a.jsonl"), tmp.path().join("b.jsonl"));
-    ok(&[
-        "run",
-        &p(&input),
-        "--data-dir",
-        &p(&a),
-        "--workers",
-        "1",
-        "--until-eof",
-        "--export",
-        &p(&out_a),
-    ]);
+    run_until_eof(&input, &a, Some(1), None, Some(&out_a));
     let mut rng = rand::rngs::SmallRng::seed_from_u64(5);
     let mut kills = 0;
     for round in 0..5 {
@@ -220,17 +177,7 @@ fn kill_at_random_moments_gives_the_uninterrupted_export() {
         let _ = child.kill();
         child.wait().unwrap();
     }
-    ok(&[
-        "run",
-        &p(&input),
-        "--data-dir",
-        &p(&b),
-        "--workers",
-        "2",
-        "--until-eof",
-        "--export",
-        &p(&out_b),
-    ]);
+    run_until_eof(&input, &b, Some(2), None, Some(&out_b));
     assert!(
         kills >= 3,
         "the runs finished before they could be killed ({kills} kills)"
@@ -285,24 +232,14 @@ fn sigterm_commits_what_was_read_and_exits_cleanly() {
         .unwrap_or(0);
     assert!(pos > 0 && pos <= len, "committed position {pos} of {len}");
     drop(store);
-    ok(&[
-        "run",
-        input.to_str().unwrap(),
-        "--pipeline",
-        pipeline.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--workers",
-        "1",
-        "--until-eof",
-        "--export",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(
-        std::fs::read_to_string(&out).unwrap(),
-        std::fs::read_to_string(dir.join("expected.jsonl")).unwrap()
+    run_until_eof(&input, &data, Some(1), Some(&pipeline), Some(&out));
+    assert_expected(
+        "voids_and_duplicates",
+        &data,
+        &input,
+        &out,
+        "after SIGTERM and restart",
     );
-    assert_eq!(dead_letters_by_line(&data, &input), expected_dead(&dir));
 }
 
 /// A restart after days of event time replays only the staging-log epochs whose
@@ -313,19 +250,19 @@ fn a_restart_after_days_skips_expired_epochs_and_stays_exact() {
     let p = |x: &Path| x.to_str().unwrap().to_owned();
     let all = tmp.path().join("all.jsonl");
     // 60,000 records over about six days of event time.
-    ok(&[
-        "gen",
-        "--events",
-        "60000",
-        "--seed",
-        "21",
-        "--events-per-second",
-        "0.115",
-        "--bad-rate",
-        "0.002",
-        "--out",
-        &p(&all),
-    ]);
+    gen_to(
+        &all,
+        &[
+            "--events",
+            "60000",
+            "--seed",
+            "21",
+            "--events-per-second",
+            "0.115",
+            "--bad-rate",
+            "0.002",
+        ],
+    );
     let pipeline = tmp.path().join("p.toml");
     std::fs::write(
         &pipeline,
@@ -334,19 +271,7 @@ fn a_restart_after_days_skips_expired_epochs_and_stays_exact() {
     .unwrap();
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     let (out_a, out_b) = (tmp.path().join("a.jsonl"), tmp.path().join("b.jsonl"));
-    ok(&[
-        "run",
-        &p(&all),
-        "--pipeline",
-        &p(&pipeline),
-        "--data-dir",
-        &p(&a),
-        "--until-eof",
-        "--workers",
-        "2",
-        "--export",
-        &p(&out_a),
-    ]);
+    run_until_eof(&all, &a, Some(2), Some(&pipeline), Some(&out_a));
 
     let bytes = std::fs::read(&all).unwrap();
     // Split after the newline that ends two thirds of the records (bad records are not all UTF-8).
@@ -359,17 +284,7 @@ fn a_restart_after_days_skips_expired_epochs_and_stays_exact() {
     let cut = newlines[newlines.len() * 2 / 3] + 1;
     let input = tmp.path().join("in.jsonl");
     std::fs::write(&input, &bytes[..cut]).unwrap();
-    ok(&[
-        "run",
-        &p(&input),
-        "--pipeline",
-        &p(&pipeline),
-        "--data-dir",
-        &p(&b),
-        "--until-eof",
-        "--workers",
-        "2",
-    ]);
+    run_until_eof(&input, &b, Some(2), Some(&pipeline), None);
     let mut f = std::fs::OpenOptions::new()
         .append(true)
         .open(&input)

@@ -70,3 +70,40 @@ pub fn dead_letters_by_line(data_dir: &Path, input: &Path) -> Vec<(usize, String
     out.sort();
     out
 }
+
+/// `tally run INPUT --until-eof --data-dir DATA`, at `workers` (the default when
+/// `None`), with a pipeline and an export when given; panics if it fails.
+pub fn run_until_eof(
+    input: &Path,
+    data: &Path,
+    workers: Option<u32>,
+    pipeline: Option<&Path>,
+    export: Option<&Path>,
+) -> Output {
+    let path = |p: &Path| p.to_str().expect("UTF-8 test paths").to_owned();
+    let mut args = vec![
+        "run".to_owned(),
+        path(input),
+        "--until-eof".into(),
+        "--data-dir".into(),
+        path(data),
+    ];
+    if let Some(w) = workers {
+        args.extend(["--workers".to_owned(), w.to_string()]);
+    }
+    if let Some(p) = pipeline {
+        args.extend(["--pipeline".to_owned(), path(p)]);
+    }
+    if let Some(e) = export {
+        args.extend(["--export".to_owned(), path(e)]);
+    }
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// `tally gen ... --out OUT`; panics if it fails.
+pub fn gen_to(out: &Path, options: &[&str]) {
+    let mut args = vec!["gen"];
+    args.extend_from_slice(options);
+    args.extend(["--out", out.to_str().expect("UTF-8 test paths")]);
+    ok(&args);
+}
