@@ -66,6 +66,7 @@ fn run(
     let pipeline = Arc::new(Pipeline::parse("sales.toml", DEFAULT_PIPELINE).unwrap());
     let cfg = RunConfig {
         pipeline,
+        store: Default::default(),
         data_dir: dir.path().to_owned(),
         workers,
         inputs,

@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tally-target}"
 export CARGO_TERM_COLOR=never
 
+bash scripts/deps.sh
+
 cargo fmt --all -- --check
 cargo clippy --profile ci --locked --all-targets -- -D warnings
 cargo test --profile ci --locked -- --test-threads 2

@@ -165,6 +165,9 @@ pub struct Pipeline {
     pub time_zones: BTreeMap<String, Tz>,
     pub sources: Vec<SourceSpec>,
     pub views: Vec<View>,
+    /// Row TTL per window size in the Redis store (`[retention]`); unlisted sizes use
+    /// the store's defaults.
+    pub retention: Vec<(WindowSize, Duration)>,
 }
 
 impl Pipeline {
@@ -286,6 +289,8 @@ struct RawPipeline {
     #[serde(default)]
     sources: Vec<RawSource>,
     views: Vec<RawView>,
+    #[serde(default)]
+    retention: BTreeMap<Spanned<String>, Spanned<Dur>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -495,6 +500,25 @@ impl RawPipeline {
             }
             time_zones.insert(p, z.0);
         }
+        let mut retention = Vec::new();
+        for (size, ttl) in self.retention {
+            let size_at = size.span().start;
+            let w = WindowSize::parse(size.get_ref())
+                .map_err(|e| at(size_at, format!("retention: '{}': {e}", size.get_ref())))?;
+            if !views.iter().any(|v| v.windows.contains(&w)) {
+                return Err(at(
+                    size_at,
+                    format!("retention: no view has {} windows", size.get_ref()),
+                ));
+            }
+            if ttl.get_ref().0.is_zero() {
+                return Err(at(
+                    ttl.span().start,
+                    "retention must be more than zero".into(),
+                ));
+            }
+            retention.push((w, ttl.into_inner().0));
+        }
         let sources = self
             .sources
             .into_iter()
@@ -521,6 +545,7 @@ impl RawPipeline {
             time_zones,
             sources,
             views,
+            retention,
         })
     }
 }

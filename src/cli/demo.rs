@@ -108,6 +108,7 @@ pub fn demo(a: DemoArgs) -> Result<Exit> {
     };
     let cfg = RunConfig {
         pipeline,
+        store: Default::default(),
         data_dir: data_dir.clone(),
         workers,
         inputs: vec![Input::Generated(gen)],
@@ -117,16 +118,16 @@ pub fn demo(a: DemoArgs) -> Result<Exit> {
     };
     let summary = ingest::run(cfg, report)?;
 
-    let store = EmbeddedStore::open(&data_dir)?;
-    let meta = store.meta();
+    let mut store = EmbeddedStore::open(&data_dir)?;
+    let meta = store.meta().clone();
     let c = &meta.counters;
     println!();
     println!("Stopped after {} epochs: {} records read, {} counted, {} redeliveries dropped, {} dead letters.",
         summary.committed_epochs, c.records, c.accepted, c.duplicates, c.dead_letter_total());
-    let rows = store.rows();
+    let rows = store.rows()?;
     let n = rows.len();
     let mut out = Vec::new();
-    export::write(meta, rows, &mut out)?;
+    export::write(&meta, rows, &mut out)?;
     let text = String::from_utf8(out).expect("export is UTF-8");
     println!("The store holds {n} rows. Today's top products of the busiest provider:");
     let busiest = text

@@ -12,8 +12,8 @@ use crate::model::Millis;
 use crate::pipeline::{Pipeline, SourceSpec, DEFAULT_PIPELINE};
 use crate::source::gen::{GenOptions, Generator};
 use crate::source::Input;
-use crate::store::embedded::EmbeddedStore;
-use crate::store::{export, Store};
+use crate::store::redis::RedisConfig;
+use crate::store::{export, StoreConfig};
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
@@ -46,6 +46,8 @@ pub enum Command {
         /// Write here instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Generate realistic, deterministic events as JSON Lines (same seed, same bytes).
     Gen(GenArgs),
@@ -90,6 +92,68 @@ pub struct RunArgs {
     /// Print one line per committed epoch.
     #[arg(long)]
     pub progress: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// Which store: the embedded one in --data-dir, or Redis with --redis. The ACL user
+/// and password come from TALLY_REDIS_USERNAME and TALLY_REDIS_PASSWORD (never flags,
+/// so they stay out of process lists).
+#[derive(Args, Debug, Clone, Default)]
+pub struct StoreArgs {
+    /// Commit to Redis at this URL (`redis://host:port/db`, `rediss://` for TLS)
+    /// instead of the embedded store. With --redis-cluster: comma-separated seed nodes.
+    #[arg(long, env = "TALLY_REDIS_URL")]
+    pub redis: Option<String>,
+    /// The --redis URLs are Redis Cluster seed nodes.
+    #[arg(long, requires = "redis")]
+    pub redis_cluster: bool,
+    /// Prefix of every Redis key: one per deployment (a backfill writes its own).
+    #[arg(long, env = "TALLY_REDIS_NAMESPACE", default_value = "tally")]
+    pub redis_namespace: String,
+    /// PEM file of the CA that signed the server's certificate (rediss://).
+    #[arg(long, env = "TALLY_REDIS_CA")]
+    pub redis_ca: Option<PathBuf>,
+    /// Connect timeout.
+    #[arg(long, default_value = "5s")]
+    pub redis_connect_timeout: String,
+    /// Longest wait for one reply.
+    #[arg(long, default_value = "30s")]
+    pub redis_timeout: String,
+    /// How long to keep retrying when Redis is unreachable at start.
+    #[arg(long, default_value = "60s")]
+    pub redis_start_timeout: String,
+    /// The longest pause between connection retries (backoff doubles from 100ms).
+    #[arg(long, default_value = "5s")]
+    pub redis_backoff_max: String,
+}
+
+impl StoreArgs {
+    /// The store these flags name; TTLs from the pipeline when given.
+    pub fn config(&self, pipeline: Option<&Pipeline>) -> Result<StoreConfig> {
+        let Some(url) = &self.redis else {
+            return Ok(StoreConfig::Embedded);
+        };
+        let dur = |flag: &str, v: &str| {
+            crate::pipeline::parse_duration(v).map_err(|e| anyhow::anyhow!("--{flag} '{v}': {e}"))
+        };
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let mut c = RedisConfig::new(url.clone());
+        c.urls = url.split(',').map(|u| u.trim().to_owned()).collect();
+        c.cluster = self.redis_cluster;
+        c.namespace = self.redis_namespace.clone();
+        c.ca_file = self.redis_ca.clone();
+        c.username = env("TALLY_REDIS_USERNAME");
+        c.password = env("TALLY_REDIS_PASSWORD");
+        c.connect_timeout = dur("redis-connect-timeout", &self.redis_connect_timeout)?;
+        c.response_timeout = dur("redis-timeout", &self.redis_timeout)?;
+        c.start_timeout = dur("redis-start-timeout", &self.redis_start_timeout)?;
+        c.backoff_max = dur("redis-backoff-max", &self.redis_backoff_max)?;
+        if let Some(p) = pipeline {
+            c.ttl = p.retention.clone();
+        }
+        Ok(StoreConfig::Redis(Box::new(c)))
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -176,8 +240,12 @@ pub fn stop_on_signal() -> Arc<AtomicBool> {
 pub fn dispatch(cli: Cli) -> Result<Exit> {
     match cli.command {
         Command::Run(a) => run(a),
-        Command::Export { data_dir, out } => {
-            export_store(&data_dir, out.as_deref())?;
+        Command::Export {
+            data_dir,
+            out,
+            store,
+        } => {
+            export_store(&store.config(None)?, &data_dir, out.as_deref())?;
             Ok(Exit::Ok)
         }
         Command::Gen(a) => {
@@ -240,9 +308,11 @@ fn run(a: RunArgs) -> Result<Exit> {
             .collect();
         (inputs, a.follow)
     };
+    let store = a.store.config(Some(&pipeline))?;
     let cfg = RunConfig {
         pipeline,
         data_dir: a.data_dir.clone(),
+        store: store.clone(),
         workers: a.workers.unwrap_or_else(default_workers),
         inputs,
         follow,
@@ -271,20 +341,24 @@ fn run(a: RunArgs) -> Result<Exit> {
         "run finished"
     );
     if let Some(path) = &a.export {
-        export_store(&a.data_dir, Some(path))?;
+        export_store(&store, &a.data_dir, Some(path))?;
     }
     Ok(Exit::Ok)
 }
 
-/// Writes the export of the store in `data_dir` to `out` (stdout when `None`).
-pub fn export_store(data_dir: &Path, out: Option<&Path>) -> Result<usize> {
-    anyhow::ensure!(
-        data_dir.join("store").is_dir(),
-        "no store in {}: run `tally run --data-dir {}` first",
-        data_dir.display(),
-        data_dir.display()
-    );
-    let store = EmbeddedStore::open(data_dir)?;
+/// Writes the export of a store (the embedded one in `data_dir`, or Redis) to `out`
+/// (stdout when `None`).
+pub fn export_store(store: &StoreConfig, data_dir: &Path, out: Option<&Path>) -> Result<usize> {
+    if let StoreConfig::Embedded = store {
+        anyhow::ensure!(
+            data_dir.join("store").is_dir(),
+            "no store in {}: run `tally run --data-dir {}` first",
+            data_dir.display(),
+            data_dir.display()
+        );
+    }
+    let mut store = store.open_reader(data_dir)?;
+    let rows = store.rows()?;
     let mut w: Box<dyn Write> = match out {
         Some(p) => {
             Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
@@ -292,7 +366,7 @@ pub fn export_store(data_dir: &Path, out: Option<&Path>) -> Result<usize> {
         None => Box::new(std::io::stdout().lock()),
     };
     let mut w = std::io::BufWriter::new(&mut w);
-    let n = export::write(store.meta(), store.rows(), &mut w)?;
+    let n = export::write(store.meta(), rows, &mut w)?;
     w.flush()?;
     Ok(n)
 }

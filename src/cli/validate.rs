@@ -30,6 +30,7 @@ pub fn validate(file: &Path, pipeline: Option<&Path>, examples: usize) -> Result
     let dl_path = scratch.path().join(&pipeline.dead_letters);
     let cfg = RunConfig {
         pipeline,
+        store: Default::default(),
         data_dir: scratch.path().to_owned(),
         workers: 1,
         inputs: vec![Input::Path(file.to_owned())],

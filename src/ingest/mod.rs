@@ -27,8 +27,7 @@ use crate::decode::{decode, Reason};
 use crate::model::{Millis, Position};
 use crate::pipeline::Pipeline;
 use crate::source::{Input, SourceError, SourceMsg, Sources};
-use crate::store::embedded::EmbeddedStore;
-use crate::store::{Commit, Counters, Store, StoreError};
+use crate::store::{Commit, Counters, Store, StoreConfig, StoreError};
 use base64::Engine;
 use crossbeam_channel::{select, Receiver};
 use std::collections::BTreeMap;
@@ -46,6 +45,8 @@ pub const IN_FLIGHT: usize = 4;
 pub struct RunConfig {
     pub pipeline: Arc<Pipeline>,
     pub data_dir: PathBuf,
+    /// Where epochs are committed.
+    pub store: StoreConfig,
     pub workers: usize,
     pub inputs: Vec<Input>,
     pub follow: bool,
@@ -115,7 +116,7 @@ pub fn run(
     cfg: RunConfig,
     observe: impl FnMut(&EpochReport) + Send + 'static,
 ) -> Result<RunSummary, RunError> {
-    let mut store = EmbeddedStore::open(&cfg.data_dir)?;
+    let mut store = cfg.store.open(&cfg.data_dir)?;
     store.bind_views(&cfg.pipeline.views)?;
     let meta = store.meta().clone();
     let staging =
@@ -454,7 +455,7 @@ struct PendingEpoch {
 
 #[allow(clippy::too_many_arguments)]
 fn commit_loop(
-    mut store: EmbeddedStore,
+    mut store: Box<dyn Store>,
     mut staging: StagingLog,
     mut dead: DeadLetterFile,
     workers: usize,
@@ -506,7 +507,7 @@ fn commit_loop(
             if m.replay || m.epoch <= committed {
                 continue;
             }
-            let report = commit_epoch(&mut store, &mut staging, &mut dead, m, p.out)?;
+            let report = commit_epoch(&mut *store, &mut staging, &mut dead, m, p.out)?;
             let _ = permits.try_recv();
             observe(&report);
         }
@@ -515,7 +516,7 @@ fn commit_loop(
 }
 
 fn commit_epoch(
-    store: &mut EmbeddedStore,
+    store: &mut dyn Store,
     staging: &mut StagingLog,
     dead: &mut DeadLetterFile,
     m: EpochMeta,
@@ -609,7 +610,7 @@ fn commit_epoch(
         commit.changes.len(),
         commit.counters.clone(),
     );
-    store.commit(commit)?;
+    commit_with_retry(store, &commit)?;
     Ok(EpochReport {
         epoch,
         clock,
@@ -617,6 +618,39 @@ fn commit_epoch(
         counters,
         commit_latency: m.closed_at.elapsed(),
     })
+}
+
+/// Commits, retrying with backoff while the store is unavailable. Meanwhile no permit
+/// comes back, so reading stops after [`IN_FLIGHT`] epochs: backpressure reaches the
+/// sources, and nothing is lost or read twice.
+fn commit_with_retry(store: &mut dyn Store, commit: &Commit) -> Result<(), StoreError> {
+    let mut pause = Duration::from_millis(100);
+    let mut outage: Option<Instant> = None;
+    loop {
+        match store.commit(commit) {
+            Ok(()) => {
+                if let Some(t) = outage {
+                    tracing::warn!(
+                        epoch = commit.epoch,
+                        outage_ms = t.elapsed().as_millis() as u64,
+                        "store reachable again; pending epochs commit now"
+                    );
+                }
+                return Ok(());
+            }
+            Err(e) if e.is_transient() => {
+                if outage.is_none() {
+                    tracing::error!(epoch = commit.epoch, error = %e, "store unavailable; commits paused, reading stops once {IN_FLIGHT} epochs wait");
+                    outage = Some(Instant::now());
+                } else {
+                    tracing::debug!(epoch = commit.epoch, error = %e, "store still unavailable");
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// One dead letter as a JSON line: reason, epoch, source name and offset, provider when

@@ -72,7 +72,7 @@ impl EmbeddedStore {
             let mut r = BufReader::new(&mut wal);
             while let Some((c, len)) = read_frame(&mut r) {
                 if c.epoch > meta.epoch {
-                    apply(&mut meta, &mut rows, c)?;
+                    apply(&mut meta, &mut rows, &c)?;
                 }
                 good += len;
             }
@@ -138,14 +138,14 @@ impl Store for EmbeddedStore {
         Ok(())
     }
 
-    fn commit(&mut self, c: Commit) -> Result<(), StoreError> {
+    fn commit(&mut self, c: &Commit) -> Result<(), StoreError> {
         if c.epoch <= self.meta.epoch {
             return Err(StoreError::Stale {
                 offered: c.epoch,
                 stored: self.meta.epoch,
             });
         }
-        let body = bincode::serialize(&c).expect("commits serialize");
+        let body = bincode::serialize(c).expect("commits serialize");
         let path = self.dir.join("wal.bin");
         super::frame::append(&mut self.wal, &mut self.wal_len, &body).map_err(io(&path))?;
         apply(&mut self.meta, &mut self.rows, c)?;
@@ -155,11 +155,12 @@ impl Store for EmbeddedStore {
         Ok(())
     }
 
-    fn rows(&self) -> Vec<StoredRow> {
-        self.rows
+    fn rows(&mut self) -> Result<Vec<StoredRow>, StoreError> {
+        Ok(self
+            .rows
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
+            .collect())
     }
 }
 
@@ -211,8 +212,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let mut s = EmbeddedStore::open(dir.path()).unwrap();
-            s.commit(commit(1, 1)).unwrap();
-            s.commit(commit(2, 2)).unwrap();
+            s.commit(&commit(1, 1)).unwrap();
+            s.commit(&commit(2, 2)).unwrap();
         }
         // A crash in the middle of the third append.
         let wal = dir.path().join("store/wal.bin");
@@ -223,20 +224,20 @@ mod tests {
         assert_eq!(s.meta().epoch, 2);
         assert_eq!(s.meta().positions["in.jsonl"], 20);
         assert_eq!(s.meta().counters.records, 10);
-        assert_eq!(s.rows()[0].1.sums.sales, 2);
+        assert_eq!(s.rows().unwrap()[0].1.sums.sales, 2);
         // The cut tail does not hide later commits.
-        s.commit(commit(3, 3)).unwrap();
+        s.commit(&commit(3, 3)).unwrap();
         drop(s);
-        let s = EmbeddedStore::open(dir.path()).unwrap();
-        assert_eq!((s.meta().epoch, s.rows()[0].1.sums.sales), (3, 3));
+        let mut s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!((s.meta().epoch, s.rows().unwrap()[0].1.sums.sales), (3, 3));
     }
 
     #[test]
     fn a_stale_commit_is_refused_and_says_so() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = EmbeddedStore::open(dir.path()).unwrap();
-        s.commit(commit(5, 5)).unwrap();
-        let err = s.commit(commit(5, 9)).unwrap_err();
+        s.commit(&commit(5, 5)).unwrap();
+        let err = s.commit(&commit(5, 9)).unwrap_err();
         assert!(matches!(
             err,
             StoreError::Stale {
@@ -246,7 +247,7 @@ mod tests {
         ));
         assert!(err.to_string().contains("refused"), "{err}");
         assert_eq!(
-            s.rows()[0].1.sums.sales,
+            s.rows().unwrap()[0].1.sums.sales,
             5,
             "the refused commit changed nothing"
         );
@@ -257,12 +258,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let mut s = EmbeddedStore::open(dir.path()).unwrap();
-            s.commit(commit(1, 1)).unwrap();
+            s.commit(&commit(1, 1)).unwrap();
             s.snapshot().unwrap();
-            s.commit(commit(2, 4)).unwrap();
+            s.commit(&commit(2, 4)).unwrap();
         }
-        let s = EmbeddedStore::open(dir.path()).unwrap();
-        assert_eq!((s.meta().epoch, s.rows()[0].1.sums.sales), (2, 4));
+        let mut s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!((s.meta().epoch, s.rows().unwrap()[0].1.sums.sales), (2, 4));
         assert_eq!(s.meta().staging_len, 14);
     }
 }

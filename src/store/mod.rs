@@ -8,11 +8,14 @@
 //! stale commit can never double count.
 //!
 //! Implementations: [`embedded::EmbeddedStore`] (the default; a write-ahead log and
-//! snapshots in the data directory). Callers: `ingest` (the committer), `tally export`.
+//! snapshots in the data directory) and [`redis::RedisStore`] (one server or a
+//! Cluster). [`StoreConfig`] picks one. Callers: `ingest` (the committer), `tally
+//! export`.
 
 pub mod embedded;
 pub mod export;
 pub mod frame;
+pub mod redis;
 
 use crate::dataflow::{Epoch, RowKey, RowUpdate, RowValue};
 use crate::model::Millis;
@@ -105,6 +108,55 @@ pub enum StoreError {
     /// The files are not what this version writes.
     #[error("store at {path} is corrupt: {reason}")]
     Corrupt { path: String, reason: String },
+    /// The store cannot be reached now; the same commit may be retried.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Another writer has taken over the store since this one opened it.
+    #[error("commit refused: another writer (generation {theirs}) took over the store from this one (generation {mine})")]
+    Superseded { mine: u64, theirs: u64 },
+    /// The store came back holding less than was committed to it (Redis lost writes).
+    #[error("the store holds epoch {stored} but epoch {committed} was committed to it: it lost writes; restart to rebuild from what it holds")]
+    Lost { stored: Epoch, committed: Epoch },
+    /// The store's settings are wrong.
+    #[error("store configuration: {0}")]
+    Config(String),
+    /// Redis refused a command for a reason other than the above.
+    #[error("Redis refused: {0}")]
+    Redis(String),
+}
+
+impl StoreError {
+    /// Worth retrying the same call later.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// Which store a run uses.
+#[derive(Clone, Debug, Default)]
+pub enum StoreConfig {
+    /// The embedded store in the data directory.
+    #[default]
+    Embedded,
+    Redis(Box<redis::RedisConfig>),
+}
+
+impl StoreConfig {
+    /// Opens the store as its writer.
+    pub fn open(&self, data_dir: &std::path::Path) -> Result<Box<dyn Store>, StoreError> {
+        Ok(match self {
+            StoreConfig::Embedded => Box::new(embedded::EmbeddedStore::open(data_dir)?),
+            StoreConfig::Redis(c) => Box::new(redis::RedisStore::open((**c).clone())?),
+        })
+    }
+
+    /// Opens the store to read it, leaving any writer in place.
+    pub fn open_reader(&self, data_dir: &std::path::Path) -> Result<Box<dyn Store>, StoreError> {
+        Ok(match self {
+            StoreConfig::Embedded => Box::new(embedded::EmbeddedStore::open(data_dir)?),
+            StoreConfig::Redis(c) => Box::new(redis::RedisStore::open_reader((**c).clone())?),
+        })
+    }
 }
 
 /// Rows held in memory, by key and rank.
@@ -113,7 +165,7 @@ pub type RowMap = std::collections::HashMap<(RowKey, u32), RowValue, ahash::Rand
 /// A row as stored: its key, its rank (0 unless top-k) and value.
 pub type StoredRow = ((RowKey, u32), RowValue);
 
-/// The interface every store implements (embedded now; Redis in its own issue).
+/// The interface every store implements.
 pub trait Store: Send {
     /// The last commit's metadata.
     fn meta(&self) -> &Meta;
@@ -121,11 +173,12 @@ pub trait Store: Send {
     /// Fixes the views on first use; afterwards they must match.
     fn bind_views(&mut self, views: &[View]) -> Result<(), StoreError>;
 
-    /// Applies one epoch atomically: all of it or none of it.
-    fn commit(&mut self, c: Commit) -> Result<(), StoreError>;
+    /// Applies one epoch atomically: all of it or none of it. After
+    /// [`StoreError::Unavailable`] the same commit may be offered again.
+    fn commit(&mut self, c: &Commit) -> Result<(), StoreError>;
 
     /// Every stored row, in no particular order.
-    fn rows(&self) -> Vec<StoredRow>;
+    fn rows(&mut self) -> Result<Vec<StoredRow>, StoreError>;
 }
 
 /// Checks and fixes views: shared by every store.
@@ -145,27 +198,34 @@ pub(crate) fn check_views(meta: &mut Meta, views: &[View]) -> Result<bool, Store
 }
 
 /// Applies a commit to metadata and rows held in memory: shared by every store.
-pub(crate) fn apply(meta: &mut Meta, rows: &mut RowMap, c: Commit) -> Result<(), StoreError> {
-    if c.epoch <= meta.epoch {
-        return Err(StoreError::Stale {
-            offered: c.epoch,
-            stored: meta.epoch,
-        });
-    }
-    for u in c.changes {
-        let k = (u.key, u.rank);
-        match u.value {
+pub(crate) fn apply(meta: &mut Meta, rows: &mut RowMap, c: &Commit) -> Result<(), StoreError> {
+    advance(meta, c)?;
+    for u in &c.changes {
+        let k = (u.key.clone(), u.rank);
+        match &u.value {
             Some(v) => {
-                rows.insert(k, v);
+                rows.insert(k, v.clone());
             }
             None => {
                 rows.remove(&k);
             }
         }
     }
+    Ok(())
+}
+
+/// The metadata after a commit; refused unless the commit is newer.
+pub(crate) fn advance(meta: &mut Meta, c: &Commit) -> Result<(), StoreError> {
+    if c.epoch <= meta.epoch {
+        return Err(StoreError::Stale {
+            offered: c.epoch,
+            stored: meta.epoch,
+        });
+    }
     meta.epoch = c.epoch;
     meta.clock = c.clock;
-    meta.positions.extend(c.positions);
+    meta.positions
+        .extend(c.positions.iter().map(|(k, v)| (k.clone(), *v)));
     meta.staging_len = c.staging_len;
     meta.dead_letters_len = c.dead_letters_len;
     meta.counters.add(&c.counters);

@@ -1,0 +1,458 @@
+//! Store conformance: one suite of commits, updates, deletions, refusals and reopens,
+//! run against the embedded store, a real single Redis and a real 3-master Redis
+//! Cluster; then what only Redis has: the documented key layout, TTLs and trimming,
+//! writer fencing, and finishing a Cluster epoch a writer left half applied.
+
+mod common;
+
+use common::redis::{RedisCluster, RedisServer};
+use std::collections::BTreeMap;
+use tally::dataflow::{RowKey, RowUpdate, RowValue, Sums};
+use tally::model::window::WindowSize;
+use tally::pipeline::{Pipeline, View, DEFAULT_PIPELINE};
+use tally::store::redis::{RedisConfig, RedisStore};
+use tally::store::{Commit, Counters, Store, StoreConfig, StoreError, StoredRow};
+
+const MIN: i64 = 60_000;
+/// 2026-11-22T10:00:00Z
+const T0: i64 = 1_795_341_600_000;
+
+fn views() -> Vec<View> {
+    Pipeline::parse("sales.toml", DEFAULT_PIPELINE)
+        .unwrap()
+        .views
+}
+
+fn sums(sales: i64, gross: i128, refunds: i64, refunds_amount: i128) -> Sums {
+    Sums {
+        sales,
+        gross,
+        refunds,
+        refunds_amount,
+    }
+}
+
+/// A row of `view` (index in the default pipeline) with what that view keeps.
+fn row(view: u16, size: &str, start: i64, group: &[&str], rank: u32, v: Sums) -> StoredRow {
+    let full = view == 0;
+    let value = RowValue {
+        sums: v,
+        distinct_customers: if full { 3 } else { 0 },
+        min_ticket: full.then_some(150),
+        max_ticket: full.then_some(99_999),
+        member: (view == 4).then(|| format!("prod:{rank} ñ").into()),
+    };
+    (
+        (
+            RowKey {
+                view,
+                size: WindowSize::parse(size).unwrap(),
+                start,
+                group: group.iter().map(|g| (*g).into()).collect(),
+            },
+            rank,
+        ),
+        value,
+    )
+}
+
+fn commit(epoch: u64, clock: i64, changes: Vec<(StoredRow, bool)>) -> Commit {
+    let mut dead = BTreeMap::new();
+    dead.insert("amount:invalid".to_owned(), epoch);
+    Commit {
+        epoch,
+        clock,
+        positions: [(format!("in-{}.jsonl", epoch % 2), 100 * epoch)].into(),
+        staging_len: 1000 * epoch,
+        dead_letters_len: 10 * epoch,
+        counters: Counters {
+            records: 7,
+            accepted: 6,
+            duplicates: 1,
+            dead_letters: dead,
+            ..Default::default()
+        },
+        changes: changes
+            .into_iter()
+            .map(|(((key, rank), value), keep)| RowUpdate {
+                key,
+                rank,
+                value: keep.then_some(value),
+            })
+            .collect(),
+    }
+}
+
+fn sorted(mut rows: Vec<StoredRow>) -> Vec<StoredRow> {
+    rows.sort_by(|a, b| format!("{:?}", a.0).cmp(&format!("{:?}", b.0)));
+    rows
+}
+
+/// The suite every store passes. `open` opens the same store again as its writer.
+fn conformance(open: &dyn Fn() -> Box<dyn Store>) {
+    let v = views();
+    let a = row(
+        0,
+        "1m",
+        T0,
+        &["claro", "COP"],
+        0,
+        sums(2, 1_000_000, 1, 50_000),
+    );
+    let b = row(
+        2,
+        "1d",
+        T0 - 10 * 3_600_000,
+        &["claro", "c:1|ñ {x}", "COP"],
+        0,
+        sums(1, 500, 0, 0),
+    );
+    let c = row(
+        3,
+        "1d",
+        T0 - 10 * 3_600_000,
+        &["tigo", "", "USD"],
+        0,
+        sums(0, 0, 2, 7_05),
+    );
+    let t1 = row(
+        4,
+        "1d",
+        T0 - 10 * 3_600_000,
+        &["tigo", "USD"],
+        1,
+        sums(9, 900, 0, 0),
+    );
+    let t2 = row(
+        4,
+        "1d",
+        T0 - 10 * 3_600_000,
+        &["tigo", "USD"],
+        2,
+        sums(1, 100, 0, 0),
+    );
+    let a_next = row(0, "1m", T0 + MIN, &["claro", "COP"], 0, sums(1, 1, 0, 0));
+
+    let mut s = open();
+    assert_eq!(s.meta().epoch, 0);
+    assert!(s.rows().unwrap().is_empty());
+    s.bind_views(&v).unwrap();
+
+    s.commit(&commit(
+        1,
+        T0,
+        vec![
+            (a.clone(), true),
+            (b.clone(), true),
+            (c.clone(), true),
+            (t1.clone(), true),
+            (t2.clone(), true),
+        ],
+    ))
+    .unwrap();
+    assert_eq!(
+        sorted(s.rows().unwrap()),
+        sorted(vec![
+            a.clone(),
+            b.clone(),
+            c.clone(),
+            t1.clone(),
+            t2.clone()
+        ])
+    );
+
+    // An update (top-k rank 1 changes member and value), a deletion, a new window.
+    let mut t1b = t1.clone();
+    t1b.1.member = Some("other".into());
+    t1b.1.sums = sums(12, 1200, 0, 0);
+    s.commit(&commit(
+        2,
+        T0 + MIN,
+        vec![
+            (t1b.clone(), true),
+            (c.clone(), false),
+            (a_next.clone(), true),
+        ],
+    ))
+    .unwrap();
+    let expect = sorted(vec![
+        a.clone(),
+        b.clone(),
+        t1b.clone(),
+        t2.clone(),
+        a_next.clone(),
+    ]);
+    assert_eq!(sorted(s.rows().unwrap()), expect);
+    let m = s.meta().clone();
+    assert_eq!(
+        (m.epoch, m.clock, m.staging_len, m.dead_letters_len),
+        (2, T0 + MIN, 2000, 20)
+    );
+    assert_eq!(
+        m.positions,
+        [
+            ("in-0.jsonl".to_owned(), 200),
+            ("in-1.jsonl".to_owned(), 100)
+        ]
+        .into()
+    );
+    assert_eq!(
+        (
+            m.counters.records,
+            m.counters.accepted,
+            m.counters.duplicates
+        ),
+        (14, 12, 2)
+    );
+    assert_eq!(m.counters.dead_letters["amount:invalid"], 3);
+
+    // Not newer: refused, and nothing changes.
+    for e in [2, 1] {
+        let err = s
+            .commit(&commit(e, T0, vec![(c.clone(), true)]))
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::Stale { offered, stored: 2 } if offered == e),
+            "{err}"
+        );
+        assert!(err.to_string().contains("refused"), "{err}");
+    }
+    assert_eq!(sorted(s.rows().unwrap()), expect);
+    drop(s);
+
+    // Reopened: the same meta and rows; the views are fixed.
+    let mut s = open();
+    assert_eq!(s.meta(), &m);
+    assert_eq!(sorted(s.rows().unwrap()), expect);
+    s.bind_views(&v).unwrap();
+    let err = s.bind_views(&v[..2]).unwrap_err();
+    assert!(matches!(err, StoreError::ViewsChanged(_)), "{err}");
+    s.commit(&commit(3, T0 + 2 * MIN, vec![(b.clone(), false)]))
+        .unwrap();
+    assert_eq!(s.meta().epoch, 3);
+    assert_eq!(s.rows().unwrap().len(), 4);
+}
+
+fn redis_cfg(urls: String, cluster: bool) -> RedisConfig {
+    let mut c = RedisConfig::new(urls.clone());
+    c.urls = urls.split(',').map(str::to_owned).collect();
+    c.cluster = cluster;
+    c.namespace = "conf".into();
+    c
+}
+
+#[test]
+fn embedded_store_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    conformance(&|| StoreConfig::Embedded.open(dir.path()).unwrap());
+}
+
+#[test]
+fn redis_store_conforms() {
+    let r = RedisServer::start();
+    let cfg = StoreConfig::Redis(Box::new(redis_cfg(r.url(), false)));
+    let dir = tempfile::tempdir().unwrap();
+    conformance(&|| cfg.open(dir.path()).unwrap());
+}
+
+#[test]
+fn redis_cluster_store_conforms() {
+    let c = RedisCluster::start();
+    let cfg = StoreConfig::Redis(Box::new(redis_cfg(c.urls(), true)));
+    let dir = tempfile::tempdir().unwrap();
+    conformance(&|| cfg.open(dir.path()).unwrap());
+    // Each provider's keys share one slot; the providers spread over the masters.
+    let mut slots_of = BTreeMap::new();
+    for p in ["claro", "tigo"] {
+        let series = c.cli(&["SMEMBERS", &format!("conf:{{{p}}}:series")]);
+        let mut keys: Vec<String> = series
+            .lines()
+            .map(|s| format!("conf:{{{p}}}:w:{s}"))
+            .collect();
+        assert!(!keys.is_empty());
+        keys.push(format!("conf:{{{p}}}:fence"));
+        let slots: std::collections::BTreeSet<String> = keys
+            .iter()
+            .map(|k| c.cli(&["CLUSTER", "KEYSLOT", k]).trim().to_owned())
+            .collect();
+        assert_eq!(slots.len(), 1, "{p}: {slots:?}");
+        slots_of.insert(p, slots.into_iter().next().unwrap());
+    }
+    assert_ne!(slots_of["claro"], slots_of["tigo"]);
+}
+
+#[test]
+fn one_command_answers_a_range_of_windows_and_rows_carry_ttls() {
+    let r = RedisServer::start();
+    let mut s = RedisStore::open(redis_cfg(r.url(), false)).unwrap();
+    s.bind_views(&views()).unwrap();
+    let rows: Vec<(StoredRow, bool)> = (0..5)
+        .map(|i| {
+            (
+                row(
+                    0,
+                    "1m",
+                    T0 + i * MIN,
+                    &["claro", "COP"],
+                    0,
+                    sums(i + 1, 100, 0, 0),
+                ),
+                true,
+            )
+        })
+        .collect();
+    s.commit(&commit(1, T0 + 5 * MIN, rows)).unwrap();
+    let key = "conf:{claro}:w:provider_window:1m:COP";
+    let got = r.cli(&[
+        "ZRANGE",
+        key,
+        &(T0 + MIN).to_string(),
+        &(T0 + 3 * MIN).to_string(),
+        "BYSCORE",
+    ]);
+    let members: Vec<&str> = got.lines().collect();
+    assert_eq!(members.len(), 3, "{got}");
+    assert!(
+        members[0].starts_with(&format!("0|{{\"start\":{}", T0 + MIN)),
+        "{got}"
+    );
+    assert!(
+        members[0].contains("\"sales_count\":2")
+            && members[0].contains("\"gross_amount\":\"1.00\""),
+        "{got}"
+    );
+    assert!(
+        members[0].contains("\"min_ticket\":\"1.50\"")
+            && members[0].contains("\"distinct_customers\":3"),
+        "{got}"
+    );
+    // Minute series expire 3 days after their last write.
+    let ttl: i64 = r.cli(&["PTTL", key]).trim().parse().unwrap();
+    assert!(
+        ttl > 3 * 86_400_000 - 60_000 && ttl <= 3 * 86_400_000,
+        "{ttl}"
+    );
+    assert_eq!(
+        r.cli(&["SMEMBERS", "conf:{conf}:providers"]).trim(),
+        "claro"
+    );
+}
+
+#[test]
+fn windows_past_retention_are_trimmed_from_the_series_a_commit_touches() {
+    let r = RedisServer::start();
+    let mut cfg = redis_cfg(r.url(), false);
+    cfg.ttl = vec![(
+        WindowSize::parse("1m").unwrap(),
+        std::time::Duration::from_secs(3600),
+    )];
+    let mut s = RedisStore::open(cfg).unwrap();
+    s.bind_views(&views()).unwrap();
+    let old = row(0, "1m", T0, &["claro", "COP"], 0, sums(1, 100, 0, 0));
+    let day = row(
+        0,
+        "1d",
+        T0 - 10 * 3_600_000,
+        &["claro", "COP"],
+        0,
+        sums(1, 100, 0, 0),
+    );
+    s.commit(&commit(
+        1,
+        T0,
+        vec![(old.clone(), true), (day.clone(), true)],
+    ))
+    .unwrap();
+    // Two hours later a new minute: the old one ended 2 h before the clock, TTL 1 h.
+    let new = row(
+        0,
+        "1m",
+        T0 + 120 * MIN,
+        &["claro", "COP"],
+        0,
+        sums(1, 100, 0, 0),
+    );
+    s.commit(&commit(2, T0 + 120 * MIN, vec![(new.clone(), true)]))
+        .unwrap();
+    assert_eq!(sorted(s.rows().unwrap()), sorted(vec![day, new]));
+}
+
+#[test]
+fn an_older_writer_is_refused_and_says_so() {
+    for cluster in [false, true] {
+        let (_single, _cluster, urls);
+        if cluster {
+            let c = RedisCluster::start();
+            urls = c.urls();
+            _cluster = Some(c);
+            _single = None;
+        } else {
+            let r = RedisServer::start();
+            urls = r.url();
+            _single = Some(r);
+            _cluster = None;
+        }
+        let cfg = redis_cfg(urls, cluster);
+        let a_row = row(0, "1m", T0, &["claro", "COP"], 0, sums(1, 100, 0, 0));
+        let mut a = RedisStore::open(cfg.clone()).unwrap();
+        a.bind_views(&views()).unwrap();
+        a.commit(&commit(1, T0, vec![(a_row.clone(), true)]))
+            .unwrap();
+        let mut b = RedisStore::open(cfg.clone()).unwrap();
+        assert!(b.generation() > a.generation());
+        let mut bumped = a_row.clone();
+        bumped.1.sums.sales = 99;
+        let err = a
+            .commit(&commit(2, T0, vec![(bumped.clone(), true)]))
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Superseded { .. }), "{err}");
+        assert!(err.to_string().contains("another writer"), "{err}");
+        b.commit(&commit(2, T0, vec![(a_row.clone(), true)]))
+            .unwrap();
+        let err = b
+            .commit(&commit(2, T0, vec![(bumped.clone(), true)]))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Stale {
+                    offered: 2,
+                    stored: 2
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(b.rows().unwrap(), vec![a_row.clone()], "cluster={cluster}");
+    }
+}
+
+#[test]
+fn a_cluster_epoch_left_half_applied_is_finished_by_the_next_writer() {
+    let c = RedisCluster::start();
+    let cfg = redis_cfg(c.urls(), true);
+    let r1 = row(0, "1m", T0, &["claro", "COP"], 0, sums(1, 100, 0, 0));
+    let r2 = row(0, "1m", T0, &["tigo", "USD"], 0, sums(2, 200, 0, 0));
+    {
+        let mut a = RedisStore::open(cfg.clone()).unwrap();
+        a.bind_views(&views()).unwrap();
+        a.commit(&commit(1, T0, vec![(r1.clone(), true)])).unwrap();
+    }
+    // A writer that wrote its intent for epoch 2 and died before applying it.
+    let c2 = commit(2, T0 + MIN, vec![(r1.clone(), false), (r2.clone(), true)]);
+    let client =
+        redis::cluster::ClusterClient::new(c.urls().split(',').collect::<Vec<_>>()).unwrap();
+    let mut con = client.get_connection().unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("conf:{conf}:intent")
+        .arg(bincode::serialize(&c2).unwrap())
+        .query(&mut con)
+        .unwrap();
+    let mut b = RedisStore::open(cfg).unwrap();
+    assert_eq!(b.meta().epoch, 2);
+    assert_eq!(b.rows().unwrap(), vec![r2]);
+    let left: Option<Vec<u8>> = redis::cmd("GET")
+        .arg("conf:{conf}:intent")
+        .query(&mut con)
+        .unwrap();
+    assert!(left.is_none());
+}
