@@ -6,6 +6,11 @@
 //! - `decode --events N`: decoding alone, one thread.
 //! - `rss --events N [--customers C] [--workers W]`: a generated stream straight into
 //!   the pipeline, sampling RSS every million records, with the event time reached.
+//! - `store --events N --workers W [--runs R] [--redis]`: like `throughput`, with the
+//!   per-epoch commit latency (close to commit, and inside the store alone), on the
+//!   embedded store or (with `--redis`) on a `redis-server` this harness starts on a
+//!   free loopback port (AOF on, `appendfsync everysec`); then Redis memory per row,
+//!   by view (`MEMORY USAGE` of every series key).
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -16,6 +21,68 @@ use tally::ingest::{self, RunConfig};
 use tally::pipeline::{Pipeline, DEFAULT_PIPELINE};
 use tally::source::gen::{GenOptions, Generator};
 use tally::source::Input;
+use tally::store::redis::{RedisConfig, RedisStore};
+use tally::store::StoreConfig;
+
+/// A `redis-server` on a free loopback port, killed on drop (its directory with it).
+struct Redis(
+    std::process::Child,
+    u16,
+    #[allow(dead_code)] tempfile::TempDir,
+);
+
+impl Redis {
+    fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", "everysec", "--dir"])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (bash scripts/deps.sh installs it)");
+        let r = Redis(child, port, dir);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed().as_secs() < 20, "redis-server did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        r
+    }
+
+    fn config(&self, namespace: &str) -> RedisConfig {
+        let mut c = RedisConfig::new(format!("redis://127.0.0.1:{}", self.1));
+        c.namespace = namespace.to_owned();
+        c
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The p-th percentile (0..=100) of sorted milliseconds.
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p / 100.0).round() as usize]
+}
 
 fn arg(args: &[String], name: &str, default: u64) -> u64 {
     args.iter()
@@ -62,11 +129,20 @@ fn run(
     workers: usize,
     observe: impl FnMut(&ingest::EpochReport) + Send + 'static,
 ) -> f64 {
+    run_on(StoreConfig::Embedded, inputs, workers, observe)
+}
+
+fn run_on(
+    store: StoreConfig,
+    inputs: Vec<Input>,
+    workers: usize,
+    observe: impl FnMut(&ingest::EpochReport) + Send + 'static,
+) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let pipeline = Arc::new(Pipeline::parse("sales.toml", DEFAULT_PIPELINE).unwrap());
     let cfg = RunConfig {
         pipeline,
-        store: Default::default(),
+        store,
         data_dir: dir.path().to_owned(),
         workers,
         inputs,
@@ -102,6 +178,50 @@ fn main() {
                     events as f64 / secs / workers as f64,
                     status("VmHWM:") >> 20
                 );
+            }
+        }
+        "store" => {
+            let events = arg(&args, "--events", 2_000_000);
+            let workers = arg(&args, "--workers", 1) as usize;
+            let runs = arg(&args, "--runs", 1);
+            let use_redis = args.iter().any(|a| a == "--redis");
+            let file = data_file(events);
+            let redis = use_redis.then(Redis::start);
+            for run_ix in 0..runs {
+                let ns = format!("bench{run_ix}");
+                let store = match &redis {
+                    Some(r) => StoreConfig::Redis(Box::new(r.config(&ns))),
+                    None => StoreConfig::Embedded,
+                };
+                let lat = Arc::new(Mutex::new((Vec::new(), Vec::new())));
+                let l = Arc::clone(&lat);
+                let secs = run_on(store, vec![Input::Path(file.clone())], workers, move |r| {
+                    let mut g = l.lock().unwrap();
+                    g.0.push(r.commit_latency.as_secs_f64() * 1e3);
+                    g.1.push(r.store_latency.as_secs_f64() * 1e3);
+                });
+                let (mut close, mut inside) = std::mem::take(&mut *lat.lock().unwrap());
+                close.sort_by(f64::total_cmp);
+                inside.sort_by(f64::total_cmp);
+                println!(
+                    "store={} workers={workers} events={events} seconds={secs:.2} events_per_s={:.0} epochs={} commit_ms_p50={:.1} commit_ms_p99={:.1} store_ms_p50={:.1} store_ms_p99={:.1}",
+                    if use_redis { "redis" } else { "embedded" },
+                    events as f64 / secs,
+                    close.len(),
+                    pct(&close, 50.0),
+                    pct(&close, 99.0),
+                    pct(&inside, 50.0),
+                    pct(&inside, 99.0),
+                );
+                if let Some(r) = &redis {
+                    let mut s = RedisStore::open_reader(r.config(&ns)).unwrap();
+                    for (view, (bytes, rows, keys)) in s.memory_usage().unwrap() {
+                        println!(
+                            "redis_memory view={view} rows={rows} series_keys={keys} bytes={bytes} bytes_per_row={:.0}",
+                            bytes as f64 / rows.max(1) as f64
+                        );
+                    }
+                }
             }
         }
         "decode" => {

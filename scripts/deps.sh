@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite starts for real: redis-server and redis-cli (Debian's
-# redis-server package). Safe to run again; does nothing when all is there.
+# redis-server and redis-tools), and openssl (the TLS test makes its own CA and
+# certificate). Safe to run again; does nothing when all is there.
 set -euo pipefail
 
 SUDO=""
@@ -9,6 +10,7 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need_apt+=(redis-tools)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "installing ${need_apt[*]} (apt-get)" >&2
   $SUDO apt-get update -qq

@@ -81,6 +81,8 @@ pub struct EpochReport {
     pub rows_changed: usize,
     /// From the epoch's close to its commit.
     pub commit_latency: Duration,
+    /// Inside the store's commit alone (retries during an outage included).
+    pub store_latency: Duration,
 }
 
 /// What a finished run did.
@@ -610,8 +612,11 @@ fn commit_epoch(
         commit.changes.len(),
         commit.counters.clone(),
     );
+    let store_started = Instant::now();
     commit_with_retry(store, &commit)?;
+    let store_latency = store_started.elapsed();
     Ok(EpochReport {
+        store_latency,
         epoch,
         clock,
         rows_changed,

@@ -756,8 +756,8 @@ impl RedisStore {
         Ok(())
     }
 
-    /// `MEMORY USAGE` of every series key, with its member count: (bytes, rows).
-    pub fn memory_usage(&mut self) -> Result<(u64, u64), StoreError> {
+    /// `MEMORY USAGE` of the series keys per view: view name -> (bytes, rows, keys).
+    pub fn memory_usage(&mut self) -> Result<BTreeMap<String, (u64, u64, u64)>, StoreError> {
         let keys = self.series_keys()?;
         let mut cmds = Vec::with_capacity(keys.len() * 2);
         for k in &keys {
@@ -769,9 +769,17 @@ impl RedisStore {
             cmds.push(z);
         }
         let v: Vec<Option<u64>> = self.batch(cmds)?;
-        let bytes = v.iter().step_by(2).map(|b| b.unwrap_or(0)).sum();
-        let rows = v.iter().skip(1).step_by(2).map(|b| b.unwrap_or(0)).sum();
-        Ok((bytes, rows))
+        let views = self.meta.views.clone();
+        let mut out: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+        for (k, pair) in keys.iter().zip(v.chunks(2)) {
+            let name = parse_series(&self.keys.ns, &views, k)
+                .map_or("?".to_owned(), |(ix, _, _)| views[ix].name.clone());
+            let e = out.entry(name).or_default();
+            e.0 += pair[0].unwrap_or(0);
+            e.1 += pair[1].unwrap_or(0);
+            e.2 += 1;
+        }
+        Ok(out)
     }
 
     /// Runs commands pipelined, in chunks (routed per key on a Cluster).

@@ -41,8 +41,13 @@ impl RedisServer {
 
     /// With extra `redis-server` arguments (`--cluster-enabled yes`, TLS, ACL users).
     pub fn start_with(extra: &[&str]) -> RedisServer {
+        RedisServer::start_on(free_port(), extra)
+    }
+
+    /// On a given port (TLS only when `extra` has `--tls-cert-file`).
+    pub fn start_on(port: u16, extra: &[&str]) -> RedisServer {
         let mut s = RedisServer {
-            port: free_port(),
+            port,
             dir: tempfile::tempdir().unwrap(),
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
@@ -60,11 +65,13 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) {
-        let tls = self.extra.iter().any(|a| a == "--tls-port");
+        let tls = self.extra.iter().any(|a| a == "--tls-cert-file");
         let port = self.port.to_string();
+        let log = self.dir.path().join("redis.log");
+        let _ = std::fs::remove_file(&log);
         let mut cmd = Command::new(need("redis-server"));
         if tls {
-            cmd.args(["--port", "0"]);
+            cmd.args(["--port", "0", "--tls-port", &port]);
         } else {
             cmd.args(["--port", &port]);
         }
@@ -81,9 +88,9 @@ impl RedisServer {
             "no",
             "--daemonize",
             "no",
-            "--logfile",
-            "redis.log",
         ])
+        .arg("--logfile")
+        .arg(&log)
         .arg("--dir")
         .arg(self.dir.path())
         .args(&self.extra)
@@ -92,7 +99,6 @@ impl RedisServer {
         self.child = Some(cmd.spawn().expect("start redis-server"));
         if tls {
             // Readiness shows in the log; the TLS port cannot be probed in plain text.
-            let log = self.dir.path().join("redis.log");
             wait(&format!("redis-server (TLS) on {port}"), || {
                 std::fs::read_to_string(&log)
                     .map(|l| l.contains("Ready to accept connections"))
