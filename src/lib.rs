@@ -7,7 +7,7 @@
 //!   -> timely dataflow, N workers   dataflow       dedup -> voids -> windows -> rows
 //!   -> committer                    ingest         staging log + dead letters + one
 //!                                                  atomic store commit per epoch
-//!   -> store (embedded)             store          rows, positions, counters; export
+//!   -> store (embedded | Redis)     store          rows, positions, counters; export
 //! ```
 //!
 //! Modules:
@@ -17,7 +17,8 @@
 //! - [`source`]: JSON Lines files, directories, stdin; the event generator.
 //! - [`ingest`]: the run loop: reading, epochs, the committer, restart.
 //! - [`dataflow`]: the timely dataflow (the only user of timely and differential).
-//! - [`store`]: the store interface, the embedded store, the export format.
+//! - [`store`]: the store interface, the embedded and Redis stores, the export format.
+//! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
 //! - [`archive`]: the staging log of dataflow input, replayed after a restart.
 //! - [`telemetry`]: logging set-up.
 //! - [`cli`]: the `tally` commands.
@@ -43,6 +44,7 @@ pub mod cli;
 pub mod dataflow;
 pub mod decode;
 pub mod ingest;
+pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod source;

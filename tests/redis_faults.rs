@@ -198,10 +198,12 @@ fn redis_stopped_twice_mid_run_pauses_commits_then_catches_up_exactly() {
     let input = tmp.path().join("growing.jsonl");
     let data = tmp.path().join("d");
     let log = tmp.path().join("tally.log");
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
     append(&input, chunks[0]);
     let mut child = tally()
         .args(["run", &p(&input), "--follow", "--data-dir", &p(&data)])
         .args(["--redis", &redis.url(), "--workers", "2"])
+        .args(["--metrics-addr", &metrics_addr])
         .env("TALLY_LOG", "info")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -230,6 +232,17 @@ fn redis_stopped_twice_mid_run_pauses_commits_then_catches_up_exactly() {
     }
     append(&input, &chunks[5..].concat());
     caught_up("everything committed");
+    // The metrics count an epoch just after the store holds it.
+    wait_for(
+        "the metrics to count every record",
+        Duration::from_secs(10),
+        || metric(&scrape(&metrics_addr), "tally_records_total") == lines.len() as f64,
+    );
+    let m = scrape(&metrics_addr);
+    assert_eq!(metric(&m, "tally_store_up"), 1.0, "{m}");
+    assert_eq!(metric(&m, "tally_store_outages_total"), 2.0, "{m}");
+    assert!(metric(&m, "tally_store_outage_seconds_total") >= 3.0, "{m}");
+    assert_eq!(metric(&m, "tally_epochs_pending"), 0.0, "{m}");
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -243,6 +256,28 @@ fn redis_stopped_twice_mid_run_pauses_commits_then_catches_up_exactly() {
         "{log}"
     );
     assert_eq!(log.matches("store reachable again").count(), 2, "{log}");
+}
+
+/// `GET /metrics` from a running tally.
+fn scrape(addr: &str) -> String {
+    use std::io::Read;
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: tally\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    c.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
+}
+
+/// The value of an unlabelled sample.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 #[test]

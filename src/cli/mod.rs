@@ -92,6 +92,9 @@ pub struct RunArgs {
     /// Print one line per committed epoch.
     #[arg(long)]
     pub progress: bool,
+    /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9464).
+    #[arg(long, env = "TALLY_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
     #[command(flatten)]
     pub store: StoreArgs,
 }
@@ -309,6 +312,9 @@ fn run(a: RunArgs) -> Result<Exit> {
         (inputs, a.follow)
     };
     let store = a.store.config(Some(&pipeline))?;
+    if let Some(addr) = &a.metrics_addr {
+        crate::metrics::serve(addr).with_context(|| format!("--metrics-addr {addr}"))?;
+    }
     let cfg = RunConfig {
         pipeline,
         data_dir: a.data_dir.clone(),

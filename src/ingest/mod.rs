@@ -120,6 +120,9 @@ pub fn run(
 ) -> Result<RunSummary, RunError> {
     let mut store = cfg.store.open(&cfg.data_dir)?;
     store.bind_views(&cfg.pipeline.views)?;
+    let metrics = crate::metrics::get();
+    metrics.store_up.set(1);
+    metrics.last_epoch.set(store.meta().epoch as i64);
     let meta = store.meta().clone();
     let staging =
         StagingLog::open(&cfg.data_dir, meta.staging_len).map_err(|source| RunError::Io {
@@ -354,6 +357,7 @@ pub fn run(
             df.close(epoch, clock);
             let closed = std::mem::replace(&mut open, Open::new(epoch + 1, clock));
             let _ = meta_tx.send(closed.into_meta(epoch, clock, positions.clone(), &names));
+            metrics.epochs_pending.inc();
             committed_epochs += 1;
             epoch += 1;
             deadline = Instant::now() + max_duration;
@@ -370,6 +374,7 @@ pub fn run(
         df.send(epoch, std::mem::take(&mut pending));
         df.close(epoch, clock);
         let _ = meta_tx.send(open.into_meta(epoch, clock, positions, &names));
+        metrics.epochs_pending.inc();
         committed_epochs += 1;
         epoch += 1;
     }
@@ -510,6 +515,7 @@ fn commit_loop(
                 continue;
             }
             let report = commit_epoch(&mut *store, &mut staging, &mut dead, m, p.out)?;
+            record(&report);
             let _ = permits.try_recv();
             observe(&report);
         }
@@ -613,7 +619,7 @@ fn commit_epoch(
         commit.counters.clone(),
     );
     let store_started = Instant::now();
-    commit_with_retry(store, &commit)?;
+    commit_with_retry(store, &commit, m.closed_at)?;
     let store_latency = store_started.elapsed();
     Ok(EpochReport {
         store_latency,
@@ -628,13 +634,25 @@ fn commit_epoch(
 /// Commits, retrying with backoff while the store is unavailable. Meanwhile no permit
 /// comes back, so reading stops after [`IN_FLIGHT`] epochs: backpressure reaches the
 /// sources, and nothing is lost or read twice.
-fn commit_with_retry(store: &mut dyn Store, commit: &Commit) -> Result<(), StoreError> {
+fn commit_with_retry(
+    store: &mut dyn Store,
+    commit: &Commit,
+    closed_at: Instant,
+) -> Result<(), StoreError> {
+    let metrics = crate::metrics::get();
     let mut pause = Duration::from_millis(100);
     let mut outage: Option<Instant> = None;
     loop {
+        metrics
+            .commit_lag_seconds
+            .set(closed_at.elapsed().as_secs_f64());
         match store.commit(commit) {
             Ok(()) => {
                 if let Some(t) = outage {
+                    metrics.store_up.set(1);
+                    metrics
+                        .store_outage_seconds
+                        .inc_by(t.elapsed().as_secs_f64());
                     tracing::warn!(
                         epoch = commit.epoch,
                         outage_ms = t.elapsed().as_millis() as u64,
@@ -645,6 +663,8 @@ fn commit_with_retry(store: &mut dyn Store, commit: &Commit) -> Result<(), Store
             }
             Err(e) if e.is_transient() => {
                 if outage.is_none() {
+                    metrics.store_up.set(0);
+                    metrics.store_outages.inc();
                     tracing::error!(epoch = commit.epoch, error = %e, "store unavailable; commits paused, reading stops once {IN_FLIGHT} epochs wait");
                     outage = Some(Instant::now());
                 } else {
@@ -655,6 +675,31 @@ fn commit_with_retry(store: &mut dyn Store, commit: &Commit) -> Result<(), Store
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Counts a committed epoch in the metrics.
+fn record(r: &EpochReport) {
+    let m = crate::metrics::get();
+    m.epochs_pending.dec();
+    m.epochs_committed.inc();
+    m.last_epoch.set(r.epoch as i64);
+    m.records.inc_by(r.counters.records);
+    m.accepted.inc_by(r.counters.accepted);
+    m.duplicates.inc_by(r.counters.duplicates);
+    for (reason, n) in &r.counters.dead_letters {
+        m.dead_letters
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: reason.clone(),
+            })
+            .inc_by(*n);
+    }
+    m.commit_seconds.observe(r.commit_latency.as_secs_f64());
+    m.store_commit_seconds
+        .observe(r.store_latency.as_secs_f64());
+    m.commit_lag_seconds.set(0.0);
+    if r.clock != Millis::MIN {
+        m.event_time_seconds.set(r.clock as f64 / 1000.0);
     }
 }
 
