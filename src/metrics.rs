@@ -1,167 +1,130 @@
-//! Prometheus metrics: one process-wide registry, served as text on `GET /metrics`
-//! by `tally run --metrics-addr HOST:PORT`.
+//! Prometheus metrics: the `metrics` facade, recorded by `metrics-exporter-prometheus`
+//! and served as text on `GET /metrics` by `tally run --metrics-addr HOST:PORT`.
 //!
-//! The committer updates the counters from each committed epoch, so they count what
-//! the store holds (a replay after a restart does not count twice). Store health:
-//! `tally_store_up` drops to 0 for the length of an outage, `tally_epochs_pending`
-//! shows the epochs closed but not committed (reading stops at `ingest::IN_FLIGHT`),
-//! and `tally_commit_lag_seconds` how long the oldest of them has waited.
+//! Names are the constants below. The committer updates the counters from each
+//! committed epoch, so they count what the store holds (a replay after a restart
+//! does not count twice). Store health: [`STORE_UP`] drops to 0 for the length of an
+//! outage (and [`STORE_OUTAGE_SECONDS`] records its length), [`EPOCHS_PENDING`] shows the epochs closed but not committed (reading
+//! stops at `ingest::IN_FLIGHT`), and [`COMMIT_LAG`] how long the epoch being
+//! committed has waited.
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::AtomicU64;
-use std::sync::LazyLock;
+use std::sync::OnceLock;
 use std::time::Duration;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabel {
-    pub reason: String,
+/// Records read and committed, good and bad (counter).
+pub const RECORDS: &str = "tally_records_total";
+/// Events counted or voided: admitted by the dataflow (counter).
+pub const ACCEPTED: &str = "tally_accepted_total";
+/// Redeliveries dropped silently (counter).
+pub const DUPLICATES: &str = "tally_duplicates_total";
+/// Dead letters, label `reason` (counter).
+pub const DEAD_LETTERS: &str = "tally_dead_letters_total";
+/// Epochs committed to the store (counter).
+pub const EPOCHS_COMMITTED: &str = "tally_epochs_committed_total";
+/// The last epoch the store holds (gauge).
+pub const LAST_EPOCH: &str = "tally_last_committed_epoch";
+/// Epochs closed but not yet committed; reading pauses at 4 (gauge).
+pub const EPOCHS_PENDING: &str = "tally_epochs_pending";
+/// How long the epoch being committed has waited since it closed, seconds (gauge).
+pub const COMMIT_LAG: &str = "tally_commit_lag_seconds";
+/// From an epoch's close to its commit, seconds (histogram).
+pub const COMMIT_SECONDS: &str = "tally_commit_seconds";
+/// Inside the store's commit, retries in an outage included, seconds (histogram).
+pub const STORE_COMMIT_SECONDS: &str = "tally_store_commit_seconds";
+/// 1 while the store takes commits, 0 during an outage (gauge).
+pub const STORE_UP: &str = "tally_store_up";
+/// Each store outage's length, seconds, recorded when it ends (histogram: `_count`
+/// is the number of outages, `_sum` the time commits were paused).
+pub const STORE_OUTAGE_SECONDS: &str = "tally_store_outage_seconds";
+/// The largest event time committed, Unix seconds (gauge).
+pub const EVENT_TIME: &str = "tally_event_time_seconds";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process's recorder (once; later calls return the same handle).
+pub fn install() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let latency: Vec<f64> = (0..16).map(|i| 0.0005 * 2f64.powi(i)).collect();
+        let outage = [1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0];
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(COMMIT_SECONDS.into()), &latency)
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(STORE_COMMIT_SECONDS.into()), &latency)
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(Matcher::Full(STORE_OUTAGE_SECONDS.into()), &outage)
+            })
+            .expect("buckets are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Another recorder (a test harness's) may be installed already: keep ours
+        // for rendering either way.
+        let _ = metrics::set_global_recorder(recorder);
+        describe();
+        handle
+    })
 }
 
-/// Every metric Tally exports.
-pub struct Metrics {
-    registry: Registry,
-    pub records: Counter,
-    pub accepted: Counter,
-    pub duplicates: Counter,
-    pub dead_letters: Family<ReasonLabel, Counter>,
-    pub epochs_committed: Counter,
-    pub last_epoch: Gauge,
-    pub epochs_pending: Gauge,
-    pub commit_lag_seconds: Gauge<f64, AtomicU64>,
-    pub commit_seconds: Histogram,
-    pub store_commit_seconds: Histogram,
-    pub store_up: Gauge,
-    pub store_outages: Counter,
-    pub store_outage_seconds: Counter<f64, AtomicU64>,
-    pub event_time_seconds: Gauge<f64, AtomicU64>,
-}
-
-static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
-
-/// The process's metrics.
-pub fn get() -> &'static Metrics {
-    &METRICS
-}
-
-impl Metrics {
-    fn new() -> Metrics {
-        let m = Metrics {
-            registry: Registry::default(),
-            records: Counter::default(),
-            accepted: Counter::default(),
-            duplicates: Counter::default(),
-            dead_letters: Family::default(),
-            epochs_committed: Counter::default(),
-            last_epoch: Gauge::default(),
-            epochs_pending: Gauge::default(),
-            commit_lag_seconds: Gauge::default(),
-            commit_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
-            store_commit_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
-            store_up: Gauge::default(),
-            store_outages: Counter::default(),
-            store_outage_seconds: Counter::default(),
-            event_time_seconds: Gauge::default(),
-        };
-        let mut r = Registry::with_prefix("tally");
-        r.register(
-            "records",
-            "Records read and committed, good and bad",
-            m.records.clone(),
-        );
-        r.register(
-            "accepted",
-            "Events counted or voided (admitted by the dataflow)",
-            m.accepted.clone(),
-        );
-        r.register(
-            "duplicates",
-            "Redeliveries dropped silently",
-            m.duplicates.clone(),
-        );
-        r.register(
-            "dead_letters",
-            "Dead letters by reason code",
-            m.dead_letters.clone(),
-        );
-        r.register(
-            "epochs_committed",
-            "Epochs committed to the store",
-            m.epochs_committed.clone(),
-        );
-        r.register(
-            "last_committed_epoch",
-            "The last epoch the store holds",
-            m.last_epoch.clone(),
-        );
-        r.register(
-            "epochs_pending",
-            "Epochs closed but not yet committed (reading pauses at 4)",
-            m.epochs_pending.clone(),
-        );
-        r.register(
-            "commit_lag_seconds",
-            "How long the epoch being committed has waited since it closed",
-            m.commit_lag_seconds.clone(),
-        );
-        r.register(
-            "commit_seconds",
-            "From an epoch's close to its commit",
-            m.commit_seconds.clone(),
-        );
-        r.register(
-            "store_commit_seconds",
-            "Inside the store's commit (retries in an outage included)",
-            m.store_commit_seconds.clone(),
-        );
-        r.register(
-            "store_up",
-            "1 while the store takes commits, 0 during an outage",
-            m.store_up.clone(),
-        );
-        r.register(
-            "store_outages",
-            "Store outages seen by the committer",
-            m.store_outages.clone(),
-        );
-        r.register(
-            "store_outage_seconds",
-            "Time spent with commits paused by store outages",
-            m.store_outage_seconds.clone(),
-        );
-        r.register(
-            "event_time_seconds",
-            "The largest event time committed (Unix seconds)",
-            m.event_time_seconds.clone(),
-        );
-        Metrics { registry: r, ..m }
-    }
-
-    /// The text exposition of every metric.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String");
-        out
-    }
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(RECORDS, "Records read and committed, good and bad");
+    describe_counter!(
+        ACCEPTED,
+        "Events counted or voided (admitted by the dataflow)"
+    );
+    describe_counter!(DUPLICATES, "Redeliveries dropped silently");
+    describe_counter!(DEAD_LETTERS, "Dead letters by reason code");
+    describe_counter!(EPOCHS_COMMITTED, "Epochs committed to the store");
+    describe_gauge!(LAST_EPOCH, "The last epoch the store holds");
+    describe_gauge!(
+        EPOCHS_PENDING,
+        "Epochs closed but not yet committed (reading pauses at 4)"
+    );
+    describe_gauge!(
+        COMMIT_LAG,
+        Unit::Seconds,
+        "How long the epoch being committed has waited since it closed"
+    );
+    describe_histogram!(
+        COMMIT_SECONDS,
+        Unit::Seconds,
+        "From an epoch's close to its commit"
+    );
+    describe_histogram!(
+        STORE_COMMIT_SECONDS,
+        Unit::Seconds,
+        "Inside the store's commit (retries in an outage included)"
+    );
+    describe_gauge!(
+        STORE_UP,
+        "1 while the store takes commits, 0 during an outage"
+    );
+    describe_histogram!(
+        STORE_OUTAGE_SECONDS,
+        Unit::Seconds,
+        "Each store outage's length, recorded when it ends"
+    );
+    describe_gauge!(
+        EVENT_TIME,
+        Unit::Seconds,
+        "The largest event time committed (Unix seconds)"
+    );
 }
 
 /// Serves `GET /metrics` on `addr` from a background thread; returns the bound
 /// address (port 0 picks a free one).
 pub fn serve(addr: &str) -> std::io::Result<SocketAddr> {
+    let handle = install();
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
     std::thread::Builder::new()
         .name("tally-metrics".into())
         .spawn(move || {
             for conn in listener.incoming().flatten() {
-                if let Err(e) = answer(conn) {
+                if let Err(e) = answer(conn, handle) {
                     tracing::debug!(error = %e, "metrics request");
                 }
             }
@@ -171,7 +134,7 @@ pub fn serve(addr: &str) -> std::io::Result<SocketAddr> {
 }
 
 /// One HTTP/1.x request, one answer, connection closed.
-fn answer(conn: TcpStream) -> std::io::Result<()> {
+fn answer(conn: TcpStream, handle: &PrometheusHandle) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     conn.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = BufReader::new(conn.try_clone()?);
@@ -190,7 +153,7 @@ fn answer(conn: TcpStream) -> std::io::Result<()> {
         ("GET", "/metrics") => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            get().render(),
+            handle.render(),
         ),
         ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
         _ => (
@@ -214,21 +177,21 @@ mod tests {
 
     #[test]
     fn metrics_are_served_over_http() {
-        get().records.inc_by(7);
-        get().store_up.set(1);
         let addr = serve("127.0.0.1:0").unwrap();
-        let mut c = TcpStream::connect(addr).unwrap();
-        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
-        let mut text = String::new();
-        c.read_to_string(&mut text).unwrap();
+        metrics::counter!(RECORDS).increment(7);
+        metrics::gauge!(STORE_UP).set(1.0);
+        let get = |req: &[u8]| {
+            let mut c = TcpStream::connect(addr).unwrap();
+            c.write_all(req).unwrap();
+            let mut text = String::new();
+            c.read_to_string(&mut text).unwrap();
+            text
+        };
+        let text = get(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
         assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
-        assert!(text.contains("tally_records_total "), "{text}");
+        assert!(text.contains("tally_records_total 7"), "{text}");
         assert!(text.contains("tally_store_up 1"), "{text}");
-        let mut c = TcpStream::connect(addr).unwrap();
-        c.write_all(b"GET /nope HTTP/1.1\r\n\r\n").unwrap();
-        let mut text = String::new();
-        c.read_to_string(&mut text).unwrap();
-        assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+        assert!(get(b"GET /nope HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
+        assert!(get(b"POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
     }
 }

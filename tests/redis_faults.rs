@@ -240,8 +240,8 @@ fn redis_stopped_twice_mid_run_pauses_commits_then_catches_up_exactly() {
     );
     let m = scrape(&metrics_addr);
     assert_eq!(metric(&m, "tally_store_up"), 1.0, "{m}");
-    assert_eq!(metric(&m, "tally_store_outages_total"), 2.0, "{m}");
-    assert!(metric(&m, "tally_store_outage_seconds_total") >= 3.0, "{m}");
+    assert_eq!(metric(&m, "tally_store_outage_seconds_count"), 2.0, "{m}");
+    assert!(metric(&m, "tally_store_outage_seconds_sum") >= 3.0, "{m}");
     assert_eq!(metric(&m, "tally_epochs_pending"), 0.0, "{m}");
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -120,9 +120,8 @@ pub fn run(
 ) -> Result<RunSummary, RunError> {
     let mut store = cfg.store.open(&cfg.data_dir)?;
     store.bind_views(&cfg.pipeline.views)?;
-    let metrics = crate::metrics::get();
-    metrics.store_up.set(1);
-    metrics.last_epoch.set(store.meta().epoch as i64);
+    metrics::gauge!(crate::metrics::STORE_UP).set(1.0);
+    metrics::gauge!(crate::metrics::LAST_EPOCH).set(store.meta().epoch as f64);
     let meta = store.meta().clone();
     let staging =
         StagingLog::open(&cfg.data_dir, meta.staging_len).map_err(|source| RunError::Io {
@@ -357,7 +356,7 @@ pub fn run(
             df.close(epoch, clock);
             let closed = std::mem::replace(&mut open, Open::new(epoch + 1, clock));
             let _ = meta_tx.send(closed.into_meta(epoch, clock, positions.clone(), &names));
-            metrics.epochs_pending.inc();
+            metrics::gauge!(crate::metrics::EPOCHS_PENDING).increment(1.0);
             committed_epochs += 1;
             epoch += 1;
             deadline = Instant::now() + max_duration;
@@ -374,7 +373,7 @@ pub fn run(
         df.send(epoch, std::mem::take(&mut pending));
         df.close(epoch, clock);
         let _ = meta_tx.send(open.into_meta(epoch, clock, positions, &names));
-        metrics.epochs_pending.inc();
+        metrics::gauge!(crate::metrics::EPOCHS_PENDING).increment(1.0);
         committed_epochs += 1;
         epoch += 1;
     }
@@ -639,20 +638,16 @@ fn commit_with_retry(
     commit: &Commit,
     closed_at: Instant,
 ) -> Result<(), StoreError> {
-    let metrics = crate::metrics::get();
+    use crate::metrics as m;
     let mut pause = Duration::from_millis(100);
     let mut outage: Option<Instant> = None;
     loop {
-        metrics
-            .commit_lag_seconds
-            .set(closed_at.elapsed().as_secs_f64());
+        metrics::gauge!(m::COMMIT_LAG).set(closed_at.elapsed().as_secs_f64());
         match store.commit(commit) {
             Ok(()) => {
                 if let Some(t) = outage {
-                    metrics.store_up.set(1);
-                    metrics
-                        .store_outage_seconds
-                        .inc_by(t.elapsed().as_secs_f64());
+                    metrics::gauge!(m::STORE_UP).set(1.0);
+                    metrics::histogram!(m::STORE_OUTAGE_SECONDS).record(t.elapsed().as_secs_f64());
                     tracing::warn!(
                         epoch = commit.epoch,
                         outage_ms = t.elapsed().as_millis() as u64,
@@ -663,8 +658,7 @@ fn commit_with_retry(
             }
             Err(e) if e.is_transient() => {
                 if outage.is_none() {
-                    metrics.store_up.set(0);
-                    metrics.store_outages.inc();
+                    metrics::gauge!(m::STORE_UP).set(0.0);
                     tracing::error!(epoch = commit.epoch, error = %e, "store unavailable; commits paused, reading stops once {IN_FLIGHT} epochs wait");
                     outage = Some(Instant::now());
                 } else {
@@ -680,26 +674,21 @@ fn commit_with_retry(
 
 /// Counts a committed epoch in the metrics.
 fn record(r: &EpochReport) {
-    let m = crate::metrics::get();
-    m.epochs_pending.dec();
-    m.epochs_committed.inc();
-    m.last_epoch.set(r.epoch as i64);
-    m.records.inc_by(r.counters.records);
-    m.accepted.inc_by(r.counters.accepted);
-    m.duplicates.inc_by(r.counters.duplicates);
+    use crate::metrics as m;
+    metrics::gauge!(m::EPOCHS_PENDING).decrement(1.0);
+    metrics::counter!(m::EPOCHS_COMMITTED).increment(1);
+    metrics::gauge!(m::LAST_EPOCH).set(r.epoch as f64);
+    metrics::counter!(m::RECORDS).increment(r.counters.records);
+    metrics::counter!(m::ACCEPTED).increment(r.counters.accepted);
+    metrics::counter!(m::DUPLICATES).increment(r.counters.duplicates);
     for (reason, n) in &r.counters.dead_letters {
-        m.dead_letters
-            .get_or_create(&crate::metrics::ReasonLabel {
-                reason: reason.clone(),
-            })
-            .inc_by(*n);
+        metrics::counter!(m::DEAD_LETTERS, "reason" => reason.clone()).increment(*n);
     }
-    m.commit_seconds.observe(r.commit_latency.as_secs_f64());
-    m.store_commit_seconds
-        .observe(r.store_latency.as_secs_f64());
-    m.commit_lag_seconds.set(0.0);
+    metrics::histogram!(m::COMMIT_SECONDS).record(r.commit_latency.as_secs_f64());
+    metrics::histogram!(m::STORE_COMMIT_SECONDS).record(r.store_latency.as_secs_f64());
+    metrics::gauge!(m::COMMIT_LAG).set(0.0);
     if r.clock != Millis::MIN {
-        m.event_time_seconds.set(r.clock as f64 / 1000.0);
+        metrics::gauge!(m::EVENT_TIME).set(r.clock as f64 / 1000.0);
     }
 }
 
