@@ -261,32 +261,35 @@ fn redis_cluster_store_conforms() {
     let cfg = StoreConfig::Redis(Box::new(redis_cfg(c.urls(), true)));
     let dir = tempfile::tempdir().unwrap();
     conformance(&|| cfg.open(dir.path()).unwrap());
-    // Each provider's keys share one slot; the providers spread over the masters.
-    let mut slots_of = BTreeMap::new();
+    // Each provider's keys (indexes, windows, fence) all live on one master.
     for p in ["claro", "tigo"] {
-        let series = c.cli(&["SMEMBERS", &format!("conf:{{{p}}}:series")]);
-        let mut keys: Vec<String> = series
-            .lines()
-            .map(|s| format!("conf:{{{p}}}:w:{s}"))
-            .collect();
-        assert!(!keys.is_empty());
-        keys.push(format!("conf:{{{p}}}:fence"));
-        let slots: std::collections::BTreeSet<String> = keys
+        let pattern = format!("conf:{{{p}}}:*");
+        let on: Vec<Vec<String>> = c
+            .nodes
             .iter()
-            .map(|k| c.cli(&["CLUSTER", "KEYSLOT", k]).trim().to_owned())
+            .map(|n| {
+                n.cli(&["KEYS", &pattern])
+                    .lines()
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .filter(|k: &Vec<String>| !k.is_empty())
             .collect();
-        assert_eq!(slots.len(), 1, "{p}: {slots:?}");
-        slots_of.insert(p, slots.into_iter().next().unwrap());
+        assert_eq!(on.len(), 1, "{p}'s keys are spread: {on:?}");
+        let keys = &on[0];
+        assert!(keys.iter().any(|k| k.contains(":i:")), "{keys:?}");
+        assert!(keys.iter().any(|k| k.contains(":w:")), "{keys:?}");
+        assert!(keys.contains(&format!("conf:{{{p}}}:fence")), "{keys:?}");
     }
-    assert_ne!(slots_of["claro"], slots_of["tigo"]);
 }
 
 #[test]
-fn one_command_answers_a_range_of_windows_and_rows_carry_ttls() {
+fn one_round_trip_answers_a_range_of_windows_and_windows_carry_ttls() {
     let r = RedisServer::start();
     let mut s = RedisStore::open(redis_cfg(r.url(), false)).unwrap();
     s.bind_views(&views()).unwrap();
-    let rows: Vec<(StoredRow, bool)> = (0..5)
+    let mut rows: Vec<(StoredRow, bool)> = (0..5)
         .map(|i| {
             (
                 row(
@@ -301,33 +304,86 @@ fn one_command_answers_a_range_of_windows_and_rows_carry_ttls() {
             )
         })
         .collect();
+    rows.push((
+        row(0, "1m", T0 + MIN, &["claro", "USD"], 0, sums(50, 100, 0, 0)),
+        true,
+    ));
+    let day = T0 - 10 * 3_600_000;
+    rows.push((
+        row(4, "1d", day, &["claro", "COP"], 1, sums(9, 900, 0, 0)),
+        true,
+    ));
+    rows.push((
+        row(4, "1d", day, &["claro", "COP"], 2, sums(1, 100, 0, 0)),
+        true,
+    ));
     s.commit(&commit(1, T0 + 5 * MIN, rows)).unwrap();
-    let key = "conf:{claro}:w:provider_window:1m:COP";
-    let got = r.cli(&[
-        "ZRANGE",
-        key,
-        &(T0 + MIN).to_string(),
-        &(T0 + 3 * MIN).to_string(),
-        "BYSCORE",
-    ]);
-    let members: Vec<&str> = got.lines().collect();
-    assert_eq!(members.len(), 3, "{got}");
-    assert!(
-        members[0].starts_with(&format!("0|{{\"start\":{}", T0 + MIN)),
-        "{got}"
+
+    let minute = WindowSize::parse("1m").unwrap();
+    let got = s
+        .windows(
+            "claro",
+            "provider_window",
+            minute,
+            &["COP"],
+            T0 + MIN,
+            T0 + 3 * MIN,
+        )
+        .unwrap();
+    let starts: Vec<i64> = got.iter().map(|(st, _, _)| *st).collect();
+    assert_eq!(starts, vec![T0 + MIN, T0 + 2 * MIN, T0 + 3 * MIN]);
+    assert_eq!(
+        got.iter().map(|(_, _, v)| v.sums.sales).collect::<Vec<_>>(),
+        vec![2, 3, 4]
     );
-    assert!(
-        members[0].contains("\"sales_count\":2")
-            && members[0].contains("\"gross_amount\":\"1.00\""),
-        "{got}"
+    assert_eq!(got[0].2.min_ticket, Some(150));
+    let top = s
+        .windows(
+            "claro",
+            "top_products",
+            WindowSize::LocalDay,
+            &["COP"],
+            day,
+            day,
+        )
+        .unwrap();
+    assert_eq!(
+        top.iter()
+            .map(|(_, r, v)| (*r, v.sums.sales))
+            .collect::<Vec<_>>(),
+        vec![(1, 9), (2, 1)]
     );
-    assert!(
-        members[0].contains("\"min_ticket\":\"1.50\"")
-            && members[0].contains("\"distinct_customers\":3"),
-        "{got}"
+    assert!(s
+        .windows(
+            "tigo",
+            "provider_window",
+            minute,
+            &["COP"],
+            T0,
+            T0 + 9 * MIN
+        )
+        .unwrap()
+        .is_empty());
+
+    // The raw layout, as docs/redis.md gives it.
+    let key = format!("conf:{{claro}}:w:provider_window:1m:{}", T0 + MIN);
+    assert_eq!(
+        r.cli(&["HGET", &key, "COP"]).trim(),
+        r#"[2,"1.00",0,"0.00",3,"1.50","999.99"]"#
     );
-    // Minute series expire 3 days after their last write.
-    let ttl: i64 = r.cli(&["PTTL", key]).trim().parse().unwrap();
+    assert_eq!(
+        r.cli(&["HGET", &key, "USD"]).trim(),
+        r#"[50,"1.00",0,"0.00",3,"1.50","999.99"]"#
+    );
+    let top_key = format!("conf:{{claro}}:w:top_products:1d:{day}");
+    assert_eq!(
+        r.cli(&["HGET", &top_key, "COP|1"]).trim(),
+        r#"[9,"9.00",0,"0.00",null,null,null,"prod:1 ñ"]"#
+    );
+    let index = r.cli(&["ZRANGE", "conf:{claro}:i:provider_window:1m", "0", "-1"]);
+    assert_eq!(index.lines().count(), 5, "{index}");
+    // Minute windows expire 3 days after their last write.
+    let ttl: i64 = r.cli(&["PTTL", &key]).trim().parse().unwrap();
     assert!(
         ttl > 3 * 86_400_000 - 60_000 && ttl <= 3 * 86_400_000,
         "{ttl}"

@@ -1,4 +1,4 @@
-//! The Redis store: rows as sorted sets, one atomic Lua script per epoch, fenced.
+//! The Redis store: one hash per window, one atomic Lua script per epoch, fenced.
 //!
 //! # Key layout (also in docs/redis.md)
 //!
@@ -8,36 +8,36 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `<ns>:{<P>}:w:<view>:<size>:<k2>:<k3>...` | sorted set | one series: the windows of one group key |
-//! | `<ns>:{<P>}:series` | set | the series keys of provider P, without the `<ns>:{<P>}:w:` prefix |
+//! | `<ns>:{<P>}:w:<view>:<size>:<start>` | hash | one window: field = group key, value = the row |
+//! | `<ns>:{<P>}:i:<view>:<size>` | sorted set | the window starts of P's windows of that view and size (member = score = start) |
 //! | `<ns>:{<P>}:fence` | hash | `gen`, `epoch` last applied to P (Cluster only) |
 //! | `<ns>:{<ns>}:meta` | hash | `gen`, `epoch`, `meta` (JSON: clock, positions, counters, views) |
 //! | `<ns>:{<ns>}:providers` | set | every provider with rows |
 //! | `<ns>:{<ns>}:intent` | string | the epoch being applied (Cluster only) |
 //!
-//! A series key's `<k2>...` are the view's group-by values after provider_id, each
-//! byte outside `[A-Za-z0-9_.-]` written `%XX`; `<size>` is the window label (`1m`,
-//! `1h`, `1d`). A member is `<rank>|<json>` with score the window start in Unix
-//! milliseconds; rank is 0 except in top-k views (1..=k). The JSON holds `start` and
-//! the counts and sums (`sales_count`, `gross_amount`, `refunds_count`,
-//! `refunds_amount`; amounts as decimal strings), `distinct_customers`, `min_ticket`,
-//! `max_ticket` when the view has them, and `member` (the ranked key) in top-k views.
-//! "All windows of provider P, view V, size S, group key K from T1 to T2" is one
-//! command: `ZRANGE <ns>:{P}:w:V:S:K T1 T2 BYSCORE`.
+//! `<size>` is the window label (`1m`, `1h`, `1d`), `<start>` the window start in Unix
+//! milliseconds. A field is the view's group-by values after provider_id, each byte
+//! outside `[A-Za-z0-9_.-]` written `%XX`, joined by `:` (empty for a view grouped
+//! by provider alone); in a top-k view, `|<rank>` follows. A value is a JSON array:
+//! `[sales_count, gross_amount, refunds_count, refunds_amount, distinct_customers,
+//! min_ticket, max_ticket, member]`, amounts as decimal strings, `null` where the
+//! view lacks the metric, trailing `null`s left out. "All windows of provider P,
+//! view V, size S, group key K from T1 to T2" is one round trip: [`READ`], a
+//! read-only script over the index and the window hashes (all in P's slot).
 //!
 //! # Retention
 //!
-//! Each series key expires `ttl(size)` after its last write (wall clock), and every
-//! commit trims from the series it touches the windows that ended more than
-//! `ttl(size)` before the commit's clock (event time), so a live series never grows
-//! without bound and a backfill keeps the same span as a live run.
+//! Each window key expires `ttl(size)` after its last write (wall clock), and every
+//! commit trims from the indexes it touches, deleting their window keys, the
+//! windows that ended more than `ttl(size)` before the commit's clock (event time),
+//! so a backfill keeps the same span as a live run.
 //!
 //! # Commit and fencing
 //!
 //! Opening the store increments `meta.gen`: the writer's generation. A commit is
 //! refused (`STALE`) when its generation is older than the stored one (another writer
 //! took over) or its epoch is not newer than the stored one. On one Redis, an epoch is
-//! one script: the fence check, every row change, the series sets, TTLs and trims,
+//! one script: the fence check, every row change, the indexes, TTLs and trims,
 //! and the new meta, all or nothing. On a Cluster a script can only touch one slot, so
 //! an epoch is applied in three steps, each atomic: the whole commit is written to
 //! `intent` (fenced on meta), then each provider's changes (fenced on the provider's
@@ -161,7 +161,15 @@ fn redact(url: &str) -> String {
 
 /// Applies one group of changes, fenced. See the module docs; `mode` is `strict`
 /// (refuse unless newer), `redo` (skip if already applied) or `intent` (check like
-/// `strict`, but leave the fence as it is).
+/// `strict`, but leave the fence as it is). KEYS[1] is the fence; ARGV is mode,
+/// generation, epoch, meta JSON (or empty), then ops naming keys by KEYS index:
+/// - `J idx ttl_ms trim_below prefix n s1..sn`: adds window starts to an index,
+///   trims it (deleting the trimmed windows' keys, `prefix..start`, in the same
+///   slot) and sets its TTL;
+/// - `H k field value`: sets a row (an empty value deletes it);
+/// - `X k ttl_ms idx start`: sets a window's TTL, or, when its last row went, takes
+///   its start out of the index;
+/// - `S k ttl_ms n m1..mn`: adds to a set; `D k`: deletes; `P k value`: sets a string.
 const APPLY: &str = r#"
 local g = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
 local e = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
@@ -176,19 +184,35 @@ local n = #ARGV
 while i <= n do
   local op = ARGV[i]
   local k = KEYS[tonumber(ARGV[i + 1])]
-  if op == 'Z' then
-    local s, prefix, m = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-    for _, old in ipairs(redis.call('ZRANGE', k, s, s, 'BYSCORE')) do
-      if string.sub(old, 1, #prefix) == prefix then redis.call('ZREM', k, old) end
-    end
-    if m ~= '' then redis.call('ZADD', k, s, m) end
-    i = i + 5
-  elseif op == 'T' then
-    if ARGV[i + 3] ~= '' then redis.call('ZREMRANGEBYSCORE', k, '-inf', '(' .. ARGV[i + 3]) end
-    if redis.call('EXISTS', k) == 1 then
-      redis.call('PEXPIRE', k, ARGV[i + 2])
+  if op == 'H' then
+    if ARGV[i + 3] == '' then
+      redis.call('HDEL', k, ARGV[i + 2])
+    else
+      redis.call('HSET', k, ARGV[i + 2], ARGV[i + 3])
     end
     i = i + 4
+  elseif op == 'X' then
+    if redis.call('EXISTS', k) == 1 then
+      redis.call('PEXPIRE', k, ARGV[i + 2])
+    else
+      redis.call('ZREM', KEYS[tonumber(ARGV[i + 3])], ARGV[i + 4])
+    end
+    i = i + 5
+  elseif op == 'J' then
+    local c = tonumber(ARGV[i + 5])
+    for j = 1, c do
+      local st = ARGV[i + 5 + j]
+      redis.call('ZADD', k, st, st)
+    end
+    if ARGV[i + 3] ~= '' then
+      local cut = '(' .. ARGV[i + 3]
+      for _, st in ipairs(redis.call('ZRANGE', k, '-inf', cut, 'BYSCORE')) do
+        redis.call('DEL', ARGV[i + 4] .. st)
+      end
+      redis.call('ZREMRANGEBYSCORE', k, '-inf', cut)
+    end
+    redis.call('PEXPIRE', k, ARGV[i + 2])
+    i = i + 6 + c
   elseif op == 'S' then
     local c = tonumber(ARGV[i + 3])
     for j = 1, c do redis.call('SADD', k, ARGV[i + 3 + j]) end
@@ -209,6 +233,31 @@ if mode ~= 'intent' then
   if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'meta', ARGV[4]) end
 end
 return 1
+"#;
+
+/// The windows of one group key in a range, in one round trip. KEYS[1] is the index
+/// (`<ns>:{P}:i:<view>:<size>`); ARGV: window key prefix (`<ns>:{P}:w:<view>:<size>:`),
+/// field, T1, T2 (window starts, inclusive), and `1` for a top-k view (then every
+/// rank's field, `<field>|<rank>`, is returned). Returns start, field, value triples.
+pub const READ: &str = r#"
+local out = {}
+local ranked = ARGV[5] == '1'
+local want = ARGV[2] .. '|'
+for _, st in ipairs(redis.call('ZRANGE', KEYS[1], ARGV[3], ARGV[4], 'BYSCORE')) do
+  local key = ARGV[1] .. st
+  if ranked then
+    local all = redis.call('HGETALL', key)
+    for j = 1, #all, 2 do
+      if string.sub(all[j], 1, #want) == want then
+        table.insert(out, st); table.insert(out, all[j]); table.insert(out, all[j + 1])
+      end
+    end
+  else
+    local v = redis.call('HGET', key, ARGV[2])
+    if v then table.insert(out, st); table.insert(out, ARGV[2]); table.insert(out, v) end
+  end
+end
+return out
 "#;
 
 enum Conn {
@@ -572,63 +621,66 @@ impl RedisStore {
                 keys.len() + 1
             })
         };
-        // Per series: the size, to set its TTL and trim once.
-        let mut series: BTreeMap<usize, WindowSize> = BTreeMap::new();
-        let mut by_provider: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        // Per index key: its window size, window key prefix and the starts written.
+        let mut indexes: BTreeMap<usize, (WindowSize, String, Vec<Millis>)> = BTreeMap::new();
+        // Per window key: (index key, start, size).
+        let mut windows: BTreeMap<usize, (usize, Millis, WindowSize)> = BTreeMap::new();
+        let mut rows = Vec::with_capacity(changes.len() * 4);
         for u in changes {
             let Some(view) = self.meta.views.get(u.key.view as usize) else {
                 continue;
             };
-            let provider = u.key.group[0].as_str();
-            let suffix = series_suffix(view, &u.key);
-            let full = format!("{}w:{suffix}", self.keys.provider(provider));
-            let k = idx(full, keys);
-            if series.insert(k, u.key.size).is_none() {
-                by_provider.entry(provider).or_default().push(suffix);
+            let p = self.keys.provider(u.key.group[0].as_str());
+            let series = format!("{}:{}", view.name, u.key.size.label());
+            let prefix = format!("{p}w:{series}:");
+            let w = idx(format!("{prefix}{}", u.key.start), keys);
+            if let std::collections::btree_map::Entry::Vacant(e) = windows.entry(w) {
+                let i = idx(format!("{p}i:{series}"), keys);
+                e.insert((i, u.key.start, u.key.size));
+                indexes
+                    .entry(i)
+                    .or_insert_with(|| (u.key.size, prefix, Vec::new()))
+                    .2
+                    .push(u.key.start);
             }
-            ops.push(Arg::S("Z".into()));
-            ops.push(Arg::I(k as i64));
-            ops.push(Arg::I(u.key.start));
-            ops.push(Arg::S(format!("{}|", u.rank)));
-            ops.push(Arg::S(match &u.value {
-                Some(v) => member(view, u.key.start, u.rank, v),
+            rows.push(Arg::S("H".into()));
+            rows.push(Arg::I(w as i64));
+            rows.push(Arg::S(field(view, &u.key, u.rank)));
+            rows.push(Arg::S(match &u.value {
+                Some(v) => value(view, v),
                 None => String::new(),
             }));
         }
-        for (k, size) in series {
-            let ttl = self.cfg.ttl(size);
-            let ttl_ms = ttl.as_millis().min(i64::MAX as u128) as i64;
+        let ttl_ms = |size: WindowSize| self.cfg.ttl(size).as_millis().min(i64::MAX as u128) as i64;
+        // Indexes first (so a window emptied below can leave its index), then rows,
+        // then each window's TTL.
+        for (i, (size, prefix, starts)) in indexes {
             // Windows that ended more than the TTL before the clock.
-            let trim = c
-                .clock
-                .checked_sub(ttl_ms)
-                .and_then(|t| t.checked_sub(size.max_len()))
-                .filter(|_| c.clock != Millis::MIN);
-            ops.push(Arg::S("T".into()));
-            ops.push(Arg::I(k as i64));
-            ops.push(Arg::I(ttl_ms));
+            let trim = (c.clock != Millis::MIN)
+                .then(|| {
+                    c.clock
+                        .checked_sub(ttl_ms(size))?
+                        .checked_sub(size.max_len())
+                })
+                .flatten();
+            ops.push(Arg::S("J".into()));
+            ops.push(Arg::I(i as i64));
+            ops.push(Arg::I(ttl_ms(size)));
             ops.push(match trim {
                 Some(t) => Arg::I(t),
                 None => Arg::S(String::new()),
             });
+            ops.push(Arg::S(prefix));
+            ops.push(Arg::I(starts.len() as i64));
+            ops.extend(starts.into_iter().map(Arg::I));
         }
-        let longest = self
-            .meta
-            .views
-            .iter()
-            .flat_map(|v| &v.windows)
-            .map(|s| self.cfg.ttl(*s))
-            .max()
-            .unwrap_or_default()
-            .as_millis()
-            .min(i64::MAX as u128) as i64;
-        for (p, suffixes) in by_provider {
-            let k = idx(format!("{}series", self.keys.provider(p)), keys);
-            ops.push(Arg::S("S".into()));
-            ops.push(Arg::I(k as i64));
-            ops.push(Arg::I(longest));
-            ops.push(Arg::I(suffixes.len() as i64));
-            ops.extend(suffixes.into_iter().map(Arg::S));
+        ops.extend(rows);
+        for (w, (i, start, size)) in windows {
+            ops.push(Arg::S("X".into()));
+            ops.push(Arg::I(w as i64));
+            ops.push(Arg::I(ttl_ms(size)));
+            ops.push(Arg::I(i as i64));
+            ops.push(Arg::I(start));
         }
     }
 
@@ -756,28 +808,35 @@ impl RedisStore {
         Ok(())
     }
 
-    /// `MEMORY USAGE` of the series keys per view: view name -> (bytes, rows, keys).
+    /// `MEMORY USAGE` of the window and index keys per view: view name -> (bytes,
+    /// rows, window keys).
     pub fn memory_usage(&mut self) -> Result<BTreeMap<String, (u64, u64, u64)>, StoreError> {
-        let keys = self.series_keys()?;
-        let mut cmds = Vec::with_capacity(keys.len() * 2);
-        for k in &keys {
+        let (windows, indexes) = self.window_keys()?;
+        let mut cmds = Vec::with_capacity(windows.len() * 2 + indexes.len());
+        for (_, _, _, k) in &windows {
             let mut m = redis::cmd("MEMORY");
             m.arg("USAGE").arg(k).arg("SAMPLES").arg(0);
-            let mut z = redis::cmd("ZCARD");
-            z.arg(k);
+            let mut h = redis::cmd("HLEN");
+            h.arg(k);
             cmds.push(m);
-            cmds.push(z);
+            cmds.push(h);
+        }
+        for (_, k) in &indexes {
+            let mut m = redis::cmd("MEMORY");
+            m.arg("USAGE").arg(k).arg("SAMPLES").arg(0);
+            cmds.push(m);
         }
         let v: Vec<Option<u64>> = self.batch(cmds)?;
-        let views = self.meta.views.clone();
+        let name = |ix: usize| self.meta.views[ix].name.clone();
         let mut out: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
-        for (k, pair) in keys.iter().zip(v.chunks(2)) {
-            let name = parse_series(&self.keys.ns, &views, k)
-                .map_or("?".to_owned(), |(ix, _, _)| views[ix].name.clone());
-            let e = out.entry(name).or_default();
+        for ((ix, _, _, _), pair) in windows.iter().zip(v.chunks(2)) {
+            let e = out.entry(name(*ix)).or_default();
             e.0 += pair[0].unwrap_or(0);
             e.1 += pair[1].unwrap_or(0);
             e.2 += 1;
+        }
+        for ((ix, _), b) in indexes.iter().zip(&v[windows.len() * 2..]) {
+            out.entry(name(*ix)).or_default().0 += b.unwrap_or(0);
         }
         Ok(out)
     }
@@ -815,63 +874,93 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// Every series key of the namespace.
-    fn series_keys(&mut self) -> Result<Vec<String>, StoreError> {
+    /// Every window key of the namespace, as (view index, size, start, key), and
+    /// every index key, as (view index, key).
+    #[allow(clippy::type_complexity)]
+    fn window_keys(
+        &mut self,
+    ) -> Result<
+        (
+            Vec<(usize, WindowSize, Millis, String)>,
+            Vec<(usize, String)>,
+        ),
+        StoreError,
+    > {
         let pkey = self.keys.providers();
         let mut providers: Vec<String> =
             self.with(|c| redis::cmd("SMEMBERS").arg(&pkey).query(c))?;
         providers.sort();
-        let cmds = providers
+        let mut series = Vec::new();
+        for p in &providers {
+            let prefix = self.keys.provider(p);
+            for (ix, v) in self.meta.views.iter().enumerate() {
+                for size in &v.windows {
+                    let name = format!("{}:{}", v.name, size.label());
+                    series.push((
+                        ix,
+                        *size,
+                        format!("{prefix}i:{name}"),
+                        format!("{prefix}w:{name}:"),
+                    ));
+                }
+            }
+        }
+        let cmds = series
             .iter()
-            .map(|p| {
-                let mut c = redis::cmd("SMEMBERS");
-                c.arg(format!("{}series", self.keys.provider(p)));
+            .map(|(_, _, i, _)| {
+                let mut c = redis::cmd("ZRANGE");
+                c.arg(i).arg(0).arg(-1);
                 c
             })
             .collect();
-        let series: Vec<Vec<String>> = self.batch(cmds)?;
-        let mut out = Vec::new();
-        for (p, series) in providers.iter().zip(series) {
-            let prefix = self.keys.provider(p);
-            out.extend(series.into_iter().map(|s| format!("{prefix}w:{s}")));
+        let starts: Vec<Vec<Millis>> = self.batch(cmds)?;
+        let mut windows = Vec::new();
+        let mut indexes = Vec::new();
+        for ((ix, size, index, prefix), starts) in series.into_iter().zip(starts) {
+            if starts.is_empty() {
+                continue;
+            }
+            windows.extend(
+                starts
+                    .into_iter()
+                    .map(|st| (ix, size, st, format!("{prefix}{st}"))),
+            );
+            indexes.push((ix, index));
         }
-        out.sort();
-        Ok(out)
+        Ok((windows, indexes))
     }
 
     /// Every stored row, read back from Redis.
     pub fn read_rows(&mut self) -> Result<Vec<StoredRow>, StoreError> {
-        let mut out = Vec::new();
-        let views = self.meta.views.clone();
-        let keys = self.series_keys()?;
-        let cmds = keys
+        let (windows, _) = self.window_keys()?;
+        let cmds = windows
             .iter()
-            .map(|k| {
-                let mut c = redis::cmd("ZRANGE");
-                c.arg(k).arg(0).arg(-1).arg("WITHSCORES");
+            .map(|(_, _, _, k)| {
+                let mut c = redis::cmd("HGETALL");
+                c.arg(k);
                 c
             })
             .collect();
-        let all: Vec<Vec<(String, f64)>> = self.batch(cmds)?;
-        for (key, members) in keys.into_iter().zip(all) {
-            let Some((view_ix, size, group)) = parse_series(&self.keys.ns, &views, &key) else {
-                return Err(StoreError::Corrupt {
-                    path: key,
-                    reason: "not a series key of this namespace's views".into(),
-                });
-            };
-            for (m, score) in members {
-                let (rank, value) = parse_member(&m).ok_or_else(|| StoreError::Corrupt {
-                    path: key.clone(),
-                    reason: format!("member '{m}' is not <rank>|<json>"),
-                })?;
+        let all: Vec<Vec<(String, String)>> = self.batch(cmds)?;
+        let mut out = Vec::new();
+        for ((ix, size, start, key), fields) in windows.into_iter().zip(all) {
+            let view = &self.meta.views[ix];
+            let provider = key_provider(&key).unwrap_or_default();
+            for (f, v) in fields {
+                let corrupt = |what: &str| StoreError::Corrupt {
+                    path: format!("{key} {f}"),
+                    reason: format!("not a {what} of view {}", view.name),
+                };
+                let (mut group, rank) = parse_field(view, &f).ok_or_else(|| corrupt("field"))?;
+                group.insert(0, provider.into());
+                let value = parse_value(&v).ok_or_else(|| corrupt("value"))?;
                 out.push((
                     (
                         RowKey {
-                            view: view_ix as u16,
+                            view: ix as u16,
                             size,
-                            start: score as Millis,
-                            group: group.clone(),
+                            start,
+                            group,
                         },
                         rank,
                     ),
@@ -879,6 +968,62 @@ impl RedisStore {
                 ));
             }
         }
+        Ok(out)
+    }
+
+    /// The windows of one group key (the group-by values after provider_id) from
+    /// `t1` to `t2` (window starts, inclusive), in one round trip: (start, rank,
+    /// value), by start then rank.
+    pub fn windows(
+        &mut self,
+        provider: &str,
+        view: &str,
+        size: WindowSize,
+        group: &[&str],
+        t1: Millis,
+        t2: Millis,
+    ) -> Result<Vec<(Millis, u32, RowValue)>, StoreError> {
+        let Some(v) = self.meta.views.iter().find(|v| v.name == view).cloned() else {
+            return Ok(Vec::new());
+        };
+        let p = self.keys.provider(provider);
+        let name = format!("{}:{}", v.name, size.label());
+        let f = group
+            .iter()
+            .map(|g| escape(g))
+            .collect::<Vec<_>>()
+            .join(":");
+        let script = Script::new(READ);
+        let mut inv = script.prepare_invoke();
+        inv.key(format!("{p}i:{name}"))
+            .arg(format!("{p}w:{name}:"))
+            .arg(&f)
+            .arg(t1)
+            .arg(t2)
+            .arg(if v.top_k.is_some() { "1" } else { "0" });
+        let flat: Vec<String> = match self.conn() {
+            Ok(Conn::Single(c)) => inv.invoke(c),
+            Ok(Conn::Cluster(c)) => inv.invoke(&mut **c),
+            Err(e) => Err(e),
+        }
+        .map_err(|e| {
+            if transient(&e) {
+                self.unavailable(e)
+            } else {
+                self.refused(&e)
+            }
+        })?;
+        let mut out = Vec::new();
+        for t in flat.chunks(3) {
+            let bad = || StoreError::Corrupt {
+                path: format!("{p}w:{name}:{}", t[0]),
+                reason: format!("field '{}' or its value", t[1]),
+            };
+            let start: Millis = t[0].parse().map_err(|_| bad())?;
+            let (_, rank) = parse_field(&v, &t[1]).ok_or_else(bad)?;
+            out.push((start, rank, parse_value(&t[2]).ok_or_else(bad)?));
+        }
+        out.sort_by_key(|(s, r, _)| (*s, *r));
         Ok(out)
     }
 
@@ -932,68 +1077,94 @@ fn unescape(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// `<view>:<size>:<k2>:...` of a row's series.
-fn series_suffix(view: &View, k: &RowKey) -> String {
-    let mut s = format!("{}:{}", view.name, k.size.label());
-    for g in &k.group[1..] {
-        s.push(':');
-        s.push_str(&escape(g));
-    }
-    s
+/// The provider of a key: what its hash tag holds.
+fn key_provider(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let close = key[open..].find('}')? + open;
+    Some(&key[open + 1..close])
 }
 
-fn parse_series(
-    ns: &str,
-    views: &[View],
-    key: &str,
-) -> Option<(usize, WindowSize, Vec<CompactString>)> {
-    let rest = key.strip_prefix(ns)?.strip_prefix(":{")?;
-    let close = rest.find('}')?;
-    let provider = &rest[..close];
-    let rest = rest[close + 1..].strip_prefix(":w:")?;
-    let mut parts = rest.split(':');
-    let view_name = parts.next()?;
-    let view_ix = views.iter().position(|v| v.name == view_name)?;
-    let size = WindowSize::parse(parts.next()?).ok()?;
-    let mut group = vec![CompactString::from(provider)];
-    for p in parts {
-        group.push(unescape(p)?.into());
+/// A row's field in its window hash: the group-by values after provider_id,
+/// escaped, joined by `:`; `|<rank>` in a top-k view.
+fn field(view: &View, k: &RowKey, rank: u32) -> String {
+    let mut f = String::new();
+    for (i, g) in k.group[1..].iter().enumerate() {
+        if i > 0 {
+            f.push(':');
+        }
+        f.push_str(&escape(g));
     }
-    (group.len() == views[view_ix].group_by.len()).then_some((view_ix, size, group))
+    if view.top_k.is_some() {
+        f.push('|');
+        f.push_str(&rank.to_string());
+    }
+    f
 }
 
-/// `<rank>|<json>` for a row, keys in a fixed order.
-fn member(view: &View, start: Millis, rank: u32, v: &RowValue) -> String {
+/// The group-by values after provider_id, and the rank, of a field.
+fn parse_field(view: &View, f: &str) -> Option<(Vec<CompactString>, u32)> {
+    let (f, rank) = match view.top_k {
+        Some(_) => {
+            let (f, r) = f.rsplit_once('|')?;
+            (f, r.parse().ok()?)
+        }
+        None => (f, 0),
+    };
+    let n = view.group_by.len() - 1;
+    let group: Vec<CompactString> = if n == 0 {
+        (f.is_empty()).then(Vec::new)?
+    } else {
+        f.split(':')
+            .map(|p| unescape(p).map(CompactString::from))
+            .collect::<Option<_>>()?
+    };
+    (group.len() == n).then_some((group, rank))
+}
+
+/// A row's value: `[sales_count, gross_amount, refunds_count, refunds_amount,
+/// distinct_customers, min_ticket, max_ticket, member]`, trailing nulls left out.
+fn value(view: &View, v: &RowValue) -> String {
     use std::fmt::Write;
-    let mut m = format!(
-        "{rank}|{{\"start\":{start},\"sales_count\":{},\"gross_amount\":\"{}\",\"refunds_count\":{},\"refunds_amount\":\"{}\"",
+    let money = |t: Option<i64>| match t {
+        Some(t) => format!("\"{}\"", format_hundredths(t.into())),
+        None => "null".to_owned(),
+    };
+    let mut tail: Vec<String> = vec![
+        if view.metrics.contains(&Metric::DistinctCustomers) {
+            v.distinct_customers.to_string()
+        } else {
+            "null".into()
+        },
+        if view.metrics.contains(&Metric::MinTicket) {
+            money(v.min_ticket)
+        } else {
+            "null".into()
+        },
+        if view.metrics.contains(&Metric::MaxTicket) {
+            money(v.max_ticket)
+        } else {
+            "null".into()
+        },
+        match &v.member {
+            Some(m) => serde_json::to_string(m.as_str()).expect("strings serialize"),
+            None => "null".into(),
+        },
+    ];
+    while tail.last().is_some_and(|t| t == "null") {
+        tail.pop();
+    }
+    let mut out = format!(
+        "[{},\"{}\",{},\"{}\"",
         v.sums.sales,
         format_hundredths(v.sums.gross),
         v.sums.refunds,
         format_hundredths(v.sums.refunds_amount)
     );
-    let ticket = |t: Option<i64>| match t {
-        Some(t) => format!("\"{}\"", format_hundredths(t.into())),
-        None => "null".to_owned(),
-    };
-    if view.metrics.contains(&Metric::DistinctCustomers) {
-        let _ = write!(m, ",\"distinct_customers\":{}", v.distinct_customers);
+    for t in tail {
+        let _ = write!(out, ",{t}");
     }
-    if view.metrics.contains(&Metric::MinTicket) {
-        let _ = write!(m, ",\"min_ticket\":{}", ticket(v.min_ticket));
-    }
-    if view.metrics.contains(&Metric::MaxTicket) {
-        let _ = write!(m, ",\"max_ticket\":{}", ticket(v.max_ticket));
-    }
-    if let Some(k) = &v.member {
-        let _ = write!(
-            m,
-            ",\"member\":{}",
-            serde_json::to_string(k.as_str()).expect("strings serialize")
-        );
-    }
-    m.push('}');
-    m
+    out.push(']');
+    out
 }
 
 /// Decimal string with up to two fraction digits to hundredths.
@@ -1010,41 +1181,34 @@ fn parse_hundredths(s: &str) -> Option<Sum> {
     Some(if neg { -v } else { v })
 }
 
-fn parse_member(m: &str) -> Option<(u32, RowValue)> {
-    let (rank, json) = m.split_once('|')?;
-    let rank: u32 = rank.parse().ok()?;
-    let o: serde_json::Map<String, serde_json::Value> = serde_json::from_str(json).ok()?;
-    let int = |k: &str| o.get(k).and_then(|v| v.as_i64()).unwrap_or(0);
-    let amount = |k: &str| -> Option<Sum> {
-        match o.get(k) {
-            None => Some(0),
-            Some(v) => parse_hundredths(v.as_str()?),
-        }
-    };
-    let ticket = |k: &str| -> Option<Option<i64>> {
-        match o.get(k) {
-            None | Some(serde_json::Value::Null) => Some(None),
+fn parse_value(s: &str) -> Option<RowValue> {
+    let a: Vec<serde_json::Value> = serde_json::from_str(s).ok()?;
+    let at = |i: usize| a.get(i).filter(|v| !v.is_null());
+    let amount = |i: usize| parse_hundredths(at(i)?.as_str()?);
+    let ticket = |i: usize| -> Option<Option<i64>> {
+        match at(i) {
+            None => Some(None),
             Some(v) => Some(Some(i64::try_from(parse_hundredths(v.as_str()?)?).ok()?)),
         }
     };
-    Some((
-        rank,
-        RowValue {
-            sums: Sums {
-                sales: int("sales_count"),
-                gross: amount("gross_amount")?,
-                refunds: int("refunds_count"),
-                refunds_amount: amount("refunds_amount")?,
-            },
-            distinct_customers: int("distinct_customers") as u64,
-            min_ticket: ticket("min_ticket")?,
-            max_ticket: ticket("max_ticket")?,
-            member: o
-                .get("member")
-                .and_then(|v| v.as_str())
-                .map(CompactString::from),
+    Some(RowValue {
+        sums: Sums {
+            sales: at(0)?.as_i64()?,
+            gross: amount(1)?,
+            refunds: at(2)?.as_i64()?,
+            refunds_amount: amount(3)?,
         },
-    ))
+        distinct_customers: match at(4) {
+            Some(v) => v.as_u64()?,
+            None => 0,
+        },
+        min_ticket: ticket(5)?,
+        max_ticket: ticket(6)?,
+        member: match at(7) {
+            Some(v) => Some(CompactString::from(v.as_str()?)),
+            None => None,
+        },
+    })
 }
 
 impl Store for RedisStore {
