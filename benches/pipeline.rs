@@ -217,7 +217,7 @@ fn main() {
                     let mut s = RedisStore::open_reader(r.config(&ns)).unwrap();
                     for (view, (bytes, rows, keys)) in s.memory_usage().unwrap() {
                         println!(
-                            "redis_memory view={view} rows={rows} series_keys={keys} bytes={bytes} bytes_per_row={:.0}",
+                            "redis_memory view={view} rows={rows} window_keys={keys} bytes={bytes} bytes_per_row={:.0}",
                             bytes as f64 / rows.max(1) as f64
                         );
                     }

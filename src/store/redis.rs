@@ -166,9 +166,9 @@ fn redact(url: &str) -> String {
 /// - `J idx ttl_ms trim_below prefix n s1..sn`: adds window starts to an index,
 ///   trims it (deleting the trimmed windows' keys, `prefix..start`, in the same
 ///   slot) and sets its TTL;
-/// - `H k field value`: sets a row (an empty value deletes it);
-/// - `X k ttl_ms idx start`: sets a window's TTL, or, when its last row went, takes
-///   its start out of the index;
+/// - `H k ttl_ms idx start n f1 v1..fn vn`: sets rows of a window (an empty value
+///   deletes the row), then sets the window's TTL, or, when its last row went,
+///   takes its start out of the index;
 /// - `S k ttl_ms n m1..mn`: adds to a set; `D k`: deletes; `P k value`: sets a string.
 const APPLY: &str = r#"
 local g = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
@@ -185,19 +185,26 @@ while i <= n do
   local op = ARGV[i]
   local k = KEYS[tonumber(ARGV[i + 1])]
   if op == 'H' then
-    if ARGV[i + 3] == '' then
-      redis.call('HDEL', k, ARGV[i + 2])
-    else
-      redis.call('HSET', k, ARGV[i + 2], ARGV[i + 3])
+    local c = tonumber(ARGV[i + 5])
+    local set, del = {}, {}
+    for j = 0, c - 1 do
+      local f, v = ARGV[i + 6 + 2 * j], ARGV[i + 7 + 2 * j]
+      if v == '' then
+        del[#del + 1] = f
+        if #del >= 1000 then redis.call('HDEL', k, unpack(del)); del = {} end
+      else
+        set[#set + 1] = f; set[#set + 1] = v
+        if #set >= 2000 then redis.call('HSET', k, unpack(set)); set = {} end
+      end
     end
-    i = i + 4
-  elseif op == 'X' then
+    if #set > 0 then redis.call('HSET', k, unpack(set)) end
+    if #del > 0 then redis.call('HDEL', k, unpack(del)) end
     if redis.call('EXISTS', k) == 1 then
       redis.call('PEXPIRE', k, ARGV[i + 2])
     else
       redis.call('ZREM', KEYS[tonumber(ARGV[i + 3])], ARGV[i + 4])
     end
-    i = i + 5
+    i = i + 6 + 2 * c
   elseif op == 'J' then
     local c = tonumber(ARGV[i + 5])
     for j = 1, c do
@@ -623,9 +630,13 @@ impl RedisStore {
         };
         // Per index key: its window size, window key prefix and the starts written.
         let mut indexes: BTreeMap<usize, (WindowSize, String, Vec<Millis>)> = BTreeMap::new();
-        // Per window key: (index key, start, size).
-        let mut windows: BTreeMap<usize, (usize, Millis, WindowSize)> = BTreeMap::new();
-        let mut rows = Vec::with_capacity(changes.len() * 4);
+        // Per window key: (index key, start, size) and its rows (the last change of
+        // a row wins, should an epoch hold two).
+        #[allow(clippy::type_complexity)]
+        let mut windows: BTreeMap<
+            usize,
+            ((usize, Millis, WindowSize), BTreeMap<String, String>),
+        > = BTreeMap::new();
         for u in changes {
             let Some(view) = self.meta.views.get(u.key.view as usize) else {
                 continue;
@@ -634,26 +645,29 @@ impl RedisStore {
             let series = format!("{}:{}", view.name, u.key.size.label());
             let prefix = format!("{p}w:{series}:");
             let w = idx(format!("{prefix}{}", u.key.start), keys);
-            if let std::collections::btree_map::Entry::Vacant(e) = windows.entry(w) {
-                let i = idx(format!("{p}i:{series}"), keys);
-                e.insert((i, u.key.start, u.key.size));
-                indexes
-                    .entry(i)
-                    .or_insert_with(|| (u.key.size, prefix, Vec::new()))
-                    .2
-                    .push(u.key.start);
-            }
-            rows.push(Arg::S("H".into()));
-            rows.push(Arg::I(w as i64));
-            rows.push(Arg::S(field(view, &u.key, u.rank)));
-            rows.push(Arg::S(match &u.value {
-                Some(v) => value(view, v),
-                None => String::new(),
-            }));
+            let rows = match windows.entry(w) {
+                std::collections::btree_map::Entry::Occupied(e) => &mut e.into_mut().1,
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    let i = idx(format!("{p}i:{series}"), keys);
+                    indexes
+                        .entry(i)
+                        .or_insert_with(|| (u.key.size, prefix, Vec::new()))
+                        .2
+                        .push(u.key.start);
+                    &mut e.insert(((i, u.key.start, u.key.size), BTreeMap::new())).1
+                }
+            };
+            rows.insert(
+                field(view, &u.key, u.rank),
+                match &u.value {
+                    Some(v) => value(view, v),
+                    None => String::new(),
+                },
+            );
         }
         let ttl_ms = |size: WindowSize| self.cfg.ttl(size).as_millis().min(i64::MAX as u128) as i64;
-        // Indexes first (so a window emptied below can leave its index), then rows,
-        // then each window's TTL.
+        // Indexes first (so a window emptied below can leave its index), then each
+        // window's rows and TTL.
         for (i, (size, prefix, starts)) in indexes {
             // Windows that ended more than the TTL before the clock.
             let trim = (c.clock != Millis::MIN)
@@ -674,13 +688,17 @@ impl RedisStore {
             ops.push(Arg::I(starts.len() as i64));
             ops.extend(starts.into_iter().map(Arg::I));
         }
-        ops.extend(rows);
-        for (w, (i, start, size)) in windows {
-            ops.push(Arg::S("X".into()));
+        for (w, ((i, start, size), rows)) in windows {
+            ops.push(Arg::S("H".into()));
             ops.push(Arg::I(w as i64));
             ops.push(Arg::I(ttl_ms(size)));
             ops.push(Arg::I(i as i64));
             ops.push(Arg::I(start));
+            ops.push(Arg::I(rows.len() as i64));
+            for (f, v) in rows {
+                ops.push(Arg::S(f));
+                ops.push(Arg::S(v));
+            }
         }
     }
 
