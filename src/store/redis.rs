@@ -37,10 +37,12 @@
 //! Opening the store increments `meta.gen`: the writer's generation. A commit is
 //! refused (`STALE`) when its generation is older than the stored one (another writer
 //! took over) or its epoch is not newer than the stored one. On one Redis, an epoch is
-//! one script: the fence check, every row change, the indexes, TTLs and trims,
-//! and the new meta, all or nothing. On a Cluster a script can only touch one slot, so
-//! an epoch is applied in three steps, each atomic: the whole commit is written to
-//! `intent` (fenced on meta), then each provider's changes (fenced on the provider's
+//! one MULTI/EXEC transaction, fenced by WATCH on meta: every row change, the
+//! indexes, TTLs and trims, and the new meta, all or nothing (plain commands: a Lua
+//! script spent two thirds of its time turning arguments into Lua strings). On a
+//! Cluster a transaction or script can only touch one slot, so
+//! an epoch is applied in three steps, each an atomic Lua script: the whole commit is
+//! written to `intent` (fenced on meta), then each provider's changes (fenced on the provider's
 //! `fence`, skipped where already applied), then meta (fenced) with the intent
 //! deleted. A writer that stops between the steps leaves the intent, and the next
 //! writer finishes it at open before anything else. Each provider therefore always
@@ -166,9 +168,9 @@ fn redact(url: &str) -> String {
 /// - `J idx ttl_ms trim_below prefix n s1..sn`: adds window starts to an index,
 ///   trims it (deleting the trimmed windows' keys, `prefix..start`, in the same
 ///   slot) and sets its TTL;
-/// - `H k ttl_ms idx start n f1 v1..fn vn`: sets rows of a window (an empty value
-///   deletes the row), then sets the window's TTL, or, when its last row went,
-///   takes its start out of the index;
+/// - `H k ttl_ms idx start ns nd f1 v1..f_ns v_ns d1..d_nd`: sets `ns` rows of a
+///   window and deletes `nd`, then sets the window's TTL, or, when its last row
+///   went, takes its start out of the index;
 /// - `S k ttl_ms n m1..mn`: adds to a set; `D k`: deletes; `P k value`: sets a string.
 const APPLY: &str = r#"
 local g = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
@@ -185,26 +187,27 @@ while i <= n do
   local op = ARGV[i]
   local k = KEYS[tonumber(ARGV[i + 1])]
   if op == 'H' then
-    local c = tonumber(ARGV[i + 5])
-    local set, del = {}, {}
-    for j = 0, c - 1 do
-      local f, v = ARGV[i + 6 + 2 * j], ARGV[i + 7 + 2 * j]
-      if v == '' then
-        del[#del + 1] = f
-        if #del >= 1000 then redis.call('HDEL', k, unpack(del)); del = {} end
-      else
-        set[#set + 1] = f; set[#set + 1] = v
-        if #set >= 2000 then redis.call('HSET', k, unpack(set)); set = {} end
-      end
+    local ns, nd = tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6])
+    local a = i + 7
+    -- Straight from ARGV, in slices below Lua's stack limit.
+    local last = a + 2 * ns - 1
+    while a <= last do
+      local b = math.min(a + 3999, last)
+      redis.call('HSET', k, unpack(ARGV, a, b))
+      a = b + 1
     end
-    if #set > 0 then redis.call('HSET', k, unpack(set)) end
-    if #del > 0 then redis.call('HDEL', k, unpack(del)) end
+    last = a + nd - 1
+    while a <= last do
+      local b = math.min(a + 3999, last)
+      redis.call('HDEL', k, unpack(ARGV, a, b))
+      a = b + 1
+    end
     if redis.call('EXISTS', k) == 1 then
       redis.call('PEXPIRE', k, ARGV[i + 2])
     else
       redis.call('ZREM', KEYS[tonumber(ARGV[i + 3])], ARGV[i + 4])
     end
-    i = i + 6 + 2 * c
+    i = last + 1
   elseif op == 'J' then
     local c = tonumber(ARGV[i + 5])
     for j = 1, c do
@@ -612,31 +615,14 @@ impl RedisStore {
         }
     }
 
-    /// The script's keys and ops for some changes (all of one provider on a Cluster).
-    fn row_ops(
-        &self,
-        c: &Commit,
-        changes: &[&RowUpdate],
-        keys: &mut Vec<String>,
-        ops: &mut Vec<Arg>,
-    ) {
-        // Key index in KEYS (1 is the fence).
-        let mut index: std::collections::HashMap<String, usize> = Default::default();
-        let mut idx = |k: String, keys: &mut Vec<String>| -> usize {
-            *index.entry(k).or_insert_with_key(|k| {
-                keys.push(k.clone());
-                keys.len() + 1
-            })
-        };
-        // Per index key: its window size, window key prefix and the starts written.
-        let mut indexes: BTreeMap<usize, (WindowSize, String, Vec<Millis>)> = BTreeMap::new();
-        // Per window key: (index key, start, size) and its rows (the last change of
-        // a row wins, should an epoch hold two).
-        #[allow(clippy::type_complexity)]
-        let mut windows: BTreeMap<
-            usize,
-            ((usize, Millis, WindowSize), BTreeMap<String, String>),
-        > = BTreeMap::new();
+    /// What some changes do to Redis (all of one provider on a Cluster): the index
+    /// and window keys they touch, their rows, TTLs and trims.
+    fn plan(&self, c: &Commit, changes: &[&RowUpdate]) -> Plan {
+        let mut indexes: Vec<IndexPlan> = Vec::new();
+        let mut index_at: std::collections::HashMap<String, usize> = Default::default();
+        let mut windows: Vec<WindowPlan> = Vec::new();
+        let mut window_at: std::collections::HashMap<String, usize> = Default::default();
+        let ttl_ms = |size: WindowSize| self.cfg.ttl(size).as_millis().min(i64::MAX as u128) as i64;
         for u in changes {
             let Some(view) = self.meta.views.get(u.key.view as usize) else {
                 continue;
@@ -644,20 +630,44 @@ impl RedisStore {
             let p = self.keys.provider(u.key.group[0].as_str());
             let series = format!("{}:{}", view.name, u.key.size.label());
             let prefix = format!("{p}w:{series}:");
-            let w = idx(format!("{prefix}{}", u.key.start), keys);
-            let rows = match windows.entry(w) {
-                std::collections::btree_map::Entry::Occupied(e) => &mut e.into_mut().1,
-                std::collections::btree_map::Entry::Vacant(e) => {
-                    let i = idx(format!("{p}i:{series}"), keys);
-                    indexes
-                        .entry(i)
-                        .or_insert_with(|| (u.key.size, prefix, Vec::new()))
-                        .2
-                        .push(u.key.start);
-                    &mut e.insert(((i, u.key.start, u.key.size), BTreeMap::new())).1
+            let key = format!("{prefix}{}", u.key.start);
+            let w = match window_at.get(&key) {
+                Some(w) => *w,
+                None => {
+                    let index_key = format!("{p}i:{series}");
+                    let i = *index_at.entry(index_key.clone()).or_insert_with(|| {
+                        let size = u.key.size;
+                        // Windows that ended more than the TTL before the clock.
+                        let trim = (c.clock != Millis::MIN)
+                            .then(|| {
+                                c.clock
+                                    .checked_sub(ttl_ms(size))?
+                                    .checked_sub(size.max_len())
+                            })
+                            .flatten();
+                        indexes.push(IndexPlan {
+                            key: index_key,
+                            prefix,
+                            ttl_ms: ttl_ms(size),
+                            trim,
+                            starts: Vec::new(),
+                        });
+                        indexes.len() - 1
+                    });
+                    indexes[i].starts.push(u.key.start);
+                    window_at.insert(key.clone(), windows.len());
+                    windows.push(WindowPlan {
+                        key,
+                        index: i,
+                        start: u.key.start,
+                        ttl_ms: ttl_ms(u.key.size),
+                        rows: BTreeMap::new(),
+                    });
+                    windows.len() - 1
                 }
             };
-            rows.insert(
+            // The last change of a row wins, should an epoch hold two.
+            windows[w].rows.insert(
                 field(view, &u.key, u.rank),
                 match &u.value {
                     Some(v) => value(view, v),
@@ -665,40 +675,44 @@ impl RedisStore {
                 },
             );
         }
-        let ttl_ms = |size: WindowSize| self.cfg.ttl(size).as_millis().min(i64::MAX as u128) as i64;
+        Plan { indexes, windows }
+    }
+
+    /// A plan as APPLY's keys and ops.
+    fn lua_ops(plan: Plan, keys: &mut Vec<String>, ops: &mut Vec<Arg>) {
+        // KEYS index (1 is the fence) of each index key.
+        let first = keys.len() + 2;
+        let index_slot: Vec<usize> = (0..plan.indexes.len()).map(|i| first + i).collect();
         // Indexes first (so a window emptied below can leave its index), then each
         // window's rows and TTL.
-        for (i, (size, prefix, starts)) in indexes {
-            // Windows that ended more than the TTL before the clock.
-            let trim = (c.clock != Millis::MIN)
-                .then(|| {
-                    c.clock
-                        .checked_sub(ttl_ms(size))?
-                        .checked_sub(size.max_len())
-                })
-                .flatten();
+        for (i, ix) in plan.indexes.into_iter().enumerate() {
+            keys.push(ix.key);
             ops.push(Arg::S("J".into()));
-            ops.push(Arg::I(i as i64));
-            ops.push(Arg::I(ttl_ms(size)));
-            ops.push(match trim {
+            ops.push(Arg::I(index_slot[i] as i64));
+            ops.push(Arg::I(ix.ttl_ms));
+            ops.push(match ix.trim {
                 Some(t) => Arg::I(t),
                 None => Arg::S(String::new()),
             });
-            ops.push(Arg::S(prefix));
-            ops.push(Arg::I(starts.len() as i64));
-            ops.extend(starts.into_iter().map(Arg::I));
+            ops.push(Arg::S(ix.prefix));
+            ops.push(Arg::I(ix.starts.len() as i64));
+            ops.extend(ix.starts.into_iter().map(Arg::I));
         }
-        for (w, ((i, start, size), rows)) in windows {
+        for w in plan.windows {
+            keys.push(w.key);
+            let (set, del): (Vec<_>, Vec<_>) = w.rows.into_iter().partition(|(_, v)| !v.is_empty());
             ops.push(Arg::S("H".into()));
-            ops.push(Arg::I(w as i64));
-            ops.push(Arg::I(ttl_ms(size)));
-            ops.push(Arg::I(i as i64));
-            ops.push(Arg::I(start));
-            ops.push(Arg::I(rows.len() as i64));
-            for (f, v) in rows {
+            ops.push(Arg::I(keys.len() as i64 + 1));
+            ops.push(Arg::I(w.ttl_ms));
+            ops.push(Arg::I(index_slot[w.index] as i64));
+            ops.push(Arg::I(w.start));
+            ops.push(Arg::I(set.len() as i64));
+            ops.push(Arg::I(del.len() as i64));
+            for (f, v) in set {
                 ops.push(Arg::S(f));
                 ops.push(Arg::S(v));
             }
+            ops.extend(del.into_iter().map(|(f, _)| Arg::S(f)));
         }
     }
 
@@ -708,24 +722,166 @@ impl RedisStore {
         Ok(m)
     }
 
+    /// One server: the epoch as one MULTI/EXEC transaction of plain commands,
+    /// fenced by WATCH on meta (a Lua script would spend most of its time turning
+    /// every argument into a Lua string).
     fn commit_single(&mut self, c: &Commit) -> Result<(), StoreError> {
         let next = self.meta_after(c)?;
         let blob = serde_json::to_string(&next).expect("meta serializes");
         let changes: Vec<&RowUpdate> = c.changes.iter().collect();
-        let mut keys = Vec::new();
-        let mut ops = Vec::new();
-        self.row_ops(c, &changes, &mut keys, &mut ops);
+        let plan = self.plan(c, &changes);
         let providers = providers_of(&changes);
-        if !providers.is_empty() {
-            keys.push(self.keys.providers());
-            ops.push(Arg::S("S".into()));
-            ops.push(Arg::I(keys.len() as i64 + 1));
-            ops.push(Arg::S(String::new()));
-            ops.push(Arg::I(providers.len() as i64));
-            ops.extend(providers.into_iter().map(|p| Arg::S(p.to_owned())));
+        let meta_key = self.keys.meta();
+        let providers_key = self.keys.providers();
+        let (gen, epoch) = (self.gen, c.epoch);
+        let r = self.with(|con| {
+            redis::cmd("WATCH").arg(&meta_key).exec(con)?;
+            let (g, e): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
+                .arg(&meta_key)
+                .arg("gen")
+                .arg("epoch")
+                .query(con)?;
+            let (g, e) = (g.unwrap_or(0), e.unwrap_or(0));
+            if g > gen || e >= epoch {
+                redis::cmd("UNWATCH").exec(con)?;
+                return Ok(Err((e, g)));
+            }
+            // The windows trimmed from each index (read under the WATCH).
+            let mut trims = redis::pipe();
+            let mut trimmed_ix = Vec::new();
+            for (i, ix) in plan.indexes.iter().enumerate() {
+                if let Some(t) = ix.trim {
+                    trims
+                        .cmd("ZRANGE")
+                        .arg(&ix.key)
+                        .arg("-inf")
+                        .arg(format!("({t}"))
+                        .arg("BYSCORE");
+                    trimmed_ix.push(i);
+                }
+            }
+            let trimmed: Vec<Vec<String>> = if trimmed_ix.is_empty() {
+                Vec::new()
+            } else {
+                trims.query(con)?
+            };
+            let mut tx = redis::pipe();
+            tx.atomic();
+            for (i, ix) in plan.indexes.iter().enumerate() {
+                let z = tx.cmd("ZADD").arg(&ix.key);
+                for st in &ix.starts {
+                    z.arg(*st).arg(*st);
+                }
+                tx.ignore();
+                if let Some(t) = ix.trim {
+                    let gone = &trimmed[trimmed_ix.iter().position(|x| *x == i).expect("trimmed")];
+                    if !gone.is_empty() {
+                        let d = tx.cmd("DEL");
+                        for st in gone {
+                            d.arg(format!("{}{st}", ix.prefix));
+                        }
+                        tx.ignore();
+                    }
+                    tx.cmd("ZREMRANGEBYSCORE")
+                        .arg(&ix.key)
+                        .arg("-inf")
+                        .arg(format!("({t}"))
+                        .ignore();
+                }
+                tx.cmd("PEXPIRE").arg(&ix.key).arg(ix.ttl_ms).ignore();
+            }
+            for w in &plan.windows {
+                let sets = w.rows.iter().filter(|(_, v)| !v.is_empty());
+                if w.rows.values().any(|v| !v.is_empty()) {
+                    let h = tx.cmd("HSET").arg(&w.key);
+                    for (f, v) in sets {
+                        h.arg(f).arg(v);
+                    }
+                    tx.ignore();
+                }
+                if w.rows.values().any(String::is_empty) {
+                    let h = tx.cmd("HDEL").arg(&w.key);
+                    for (f, _) in w.rows.iter().filter(|(_, v)| v.is_empty()) {
+                        h.arg(f);
+                    }
+                    tx.ignore();
+                }
+                tx.cmd("PEXPIRE").arg(&w.key).arg(w.ttl_ms).ignore();
+            }
+            if !providers.is_empty() {
+                tx.cmd("SADD").arg(&providers_key).arg(&providers).ignore();
+            }
+            tx.cmd("HSET")
+                .arg(&meta_key)
+                .arg("gen")
+                .arg(gen)
+                .arg("epoch")
+                .arg(epoch)
+                .arg("meta")
+                .arg(&blob)
+                .ignore();
+            // `None`: meta changed since the WATCH (another writer).
+            let done: Option<()> = tx.query(con)?;
+            if done.is_none() {
+                let (g, e): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
+                    .arg(&meta_key)
+                    .arg("gen")
+                    .arg("epoch")
+                    .query(con)?;
+                return Ok(Err((e.unwrap_or(0), g.unwrap_or(0))));
+            }
+            Ok(Ok(()))
+        })?;
+        if let Err((stored, stored_gen)) = r {
+            return Err(if stored_gen > gen {
+                StoreError::Superseded {
+                    mine: gen,
+                    theirs: stored_gen,
+                }
+            } else if stored == epoch && stored_gen == gen {
+                // Our own earlier attempt got through before its reply was lost.
+                self.meta = next;
+                return Ok(());
+            } else {
+                StoreError::Stale {
+                    offered: epoch,
+                    stored,
+                }
+            });
         }
-        let fence = self.keys.meta();
-        self.apply(&fence, "strict", c.epoch, &blob, &keys, &ops)?;
+        // Windows whose last row went leave their index (a dangling start would only
+        // be skipped by readers; this keeps the index exact).
+        let emptied: Vec<(&str, &str, Millis)> = plan
+            .windows
+            .iter()
+            .filter(|w| w.rows.values().any(String::is_empty))
+            .map(|w| (w.key.as_str(), plan.indexes[w.index].key.as_str(), w.start))
+            .collect();
+        if !emptied.is_empty() {
+            let exists: Vec<bool> = self.batch(
+                emptied
+                    .iter()
+                    .map(|(k, _, _)| {
+                        let mut c = redis::cmd("EXISTS");
+                        c.arg(*k);
+                        c
+                    })
+                    .collect(),
+            )?;
+            let gone: Vec<redis::Cmd> = emptied
+                .iter()
+                .zip(exists)
+                .filter(|(_, e)| !e)
+                .map(|((_, ix, st), _)| {
+                    let mut c = redis::cmd("ZREM");
+                    c.arg(*ix).arg(*st);
+                    c
+                })
+                .collect();
+            if !gone.is_empty() {
+                let _: Vec<i64> = self.batch(gone)?;
+            }
+        }
         self.meta = next;
         Ok(())
     }
@@ -765,7 +921,7 @@ impl RedisStore {
         for (p, changes) in &groups {
             let mut keys = Vec::new();
             let mut ops = Vec::new();
-            self.row_ops(c, changes, &mut keys, &mut ops);
+            RedisStore::lua_ops(self.plan(c, changes), &mut keys, &mut ops);
             let fence = format!("{}fence", self.keys.provider(p));
             self.apply(&fence, "redo", c.epoch, "", &keys, &ops)?;
         }
@@ -1049,6 +1205,32 @@ impl RedisStore {
     pub fn generation(&self) -> u64 {
         self.gen
     }
+}
+
+/// What one commit does to the keys of a provider (or all, on one server).
+struct Plan {
+    indexes: Vec<IndexPlan>,
+    windows: Vec<WindowPlan>,
+}
+
+struct IndexPlan {
+    key: String,
+    /// Window key prefix: the key of a window is the prefix and its start.
+    prefix: String,
+    ttl_ms: i64,
+    /// Trim windows starting before this (they ended more than the TTL before the clock).
+    trim: Option<Millis>,
+    starts: Vec<Millis>,
+}
+
+struct WindowPlan {
+    key: String,
+    /// In `Plan::indexes`.
+    index: usize,
+    start: Millis,
+    ttl_ms: i64,
+    /// Field -> value; an empty value deletes the row.
+    rows: BTreeMap<String, String>,
 }
 
 /// One script argument.
