@@ -512,3 +512,76 @@ fn a_cluster_epoch_left_half_applied_is_finished_by_the_next_writer() {
         .unwrap();
     assert!(left.is_none());
 }
+
+#[test]
+fn a_pool_of_readers_answers_concurrent_queries_within_its_size() {
+    let r = RedisServer::start();
+    let c = RedisCluster::start();
+    for (urls, cluster) in [(r.url(), false), (c.urls(), true)] {
+        let mut cfg = redis_cfg(urls, cluster);
+        let mut w = RedisStore::open(cfg.clone()).unwrap();
+        w.bind_views(&views()).unwrap();
+        let rows: Vec<(StoredRow, bool)> = (0..60)
+            .map(|i| {
+                (
+                    row(
+                        0,
+                        "1m",
+                        T0 + i * MIN,
+                        &["claro", "COP"],
+                        0,
+                        sums(i + 1, 100, 0, 0),
+                    ),
+                    true,
+                )
+            })
+            .collect();
+        w.commit(&commit(1, T0 + 60 * MIN, rows)).unwrap();
+        cfg.pool_size = 2;
+        let reader = tally::store::redis::RedisReader::open(&cfg).unwrap();
+        assert_eq!(reader.meta().epoch, 1);
+        let minute = WindowSize::parse("1m").unwrap();
+        std::thread::scope(|s| {
+            for t in 0..8i64 {
+                let reader = reader.clone();
+                s.spawn(move || {
+                    for q in 0..40i64 {
+                        let (a, b) = ((t * 7 + q) % 60, (t * 7 + q) % 60 + q % 5);
+                        let got = reader
+                            .windows(
+                                "claro",
+                                "provider_window",
+                                minute,
+                                &["COP"],
+                                T0 + a * MIN,
+                                T0 + b * MIN,
+                            )
+                            .unwrap();
+                        let sales: Vec<i64> = got.iter().map(|(_, _, v)| v.sums.sales).collect();
+                        let want: Vec<i64> = (a..=b.min(59)).map(|i| i + 1).collect();
+                        assert_eq!(sales, want, "cluster={cluster} [{a}, {b}]");
+                    }
+                });
+            }
+        });
+        assert_eq!(reader.rows().unwrap().len(), 60);
+        if !cluster {
+            // The writer's connection, the pool's two, and this redis-cli.
+            let info = r.cli(&["INFO", "clients"]);
+            let n: u32 = info
+                .lines()
+                .find_map(|l| l.strip_prefix("connected_clients:"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            assert!(n <= 4, "{n} clients: the pool holds more than 2\n{info}");
+        }
+        let mut bad = cfg.clone();
+        bad.pool_size = 0;
+        assert!(matches!(
+            tally::store::redis::RedisReader::open(&bad),
+            Err(StoreError::Config(_))
+        ));
+    }
+}

@@ -89,6 +89,8 @@ pub struct RedisConfig {
     pub start_timeout: Duration,
     /// The longest pause between retries (the backoff doubles from 100 ms up to this).
     pub backoff_max: Duration,
+    /// Connections in a [`RedisReader`]'s pool (the writer uses one of its own).
+    pub pool_size: u32,
     /// Row TTL per window size.
     pub ttl: Vec<(WindowSize, Duration)>,
 }
@@ -107,6 +109,7 @@ impl RedisConfig {
             response_timeout: Duration::from_secs(30),
             start_timeout: Duration::from_secs(60),
             backoff_max: Duration::from_secs(5),
+            pool_size: 8,
             ttl: Vec::new(),
         }
     }
@@ -276,15 +279,75 @@ enum Conn {
 }
 
 impl Conn {
-    fn con(&mut self) -> &mut dyn ConnectionLike {
+    fn as_ref(&mut self) -> ConnRef<'_> {
         match self {
-            Conn::Single(c) => c,
-            Conn::Cluster(c) => &mut **c,
+            Conn::Single(c) => ConnRef::Single(c),
+            Conn::Cluster(c) => ConnRef::Cluster(c),
         }
     }
 }
 
+/// A borrowed connection: the writer's own, or one from a reader's pool.
+enum ConnRef<'a> {
+    Single(&'a mut redis::Connection),
+    Cluster(&'a mut redis::cluster::ClusterConnection),
+}
+
+impl ConnRef<'_> {
+    fn con(&mut self) -> &mut dyn ConnectionLike {
+        match self {
+            ConnRef::Single(c) => *c,
+            ConnRef::Cluster(c) => *c,
+        }
+    }
+
+    /// Commands pipelined (routed per key on a Cluster).
+    fn pipeline<T: redis::FromRedisValue>(
+        &mut self,
+        cmds: &[redis::Cmd],
+    ) -> Result<Vec<T>, RedisError> {
+        match self {
+            ConnRef::Single(c) => {
+                let mut p = redis::pipe();
+                for cmd in cmds {
+                    p.add_command(cmd.clone());
+                }
+                p.query(*c)
+            }
+            ConnRef::Cluster(c) => {
+                let mut p = redis::cluster::cluster_pipe();
+                for cmd in cmds {
+                    p.add_command(cmd.clone());
+                }
+                p.query(c)
+            }
+        }
+    }
+}
+
+/// Where reads get a connection.
+trait Source {
+    /// Runs `f` on a connection; a transient failure becomes `Unavailable`.
+    fn run<T>(
+        &mut self,
+        f: impl FnOnce(ConnRef<'_>) -> Result<T, RedisError>,
+    ) -> Result<T, StoreError>;
+}
+
+/// Runs commands pipelined, in chunks.
+fn batch<T: redis::FromRedisValue>(
+    src: &mut impl Source,
+    cmds: Vec<redis::Cmd>,
+) -> Result<Vec<T>, StoreError> {
+    let mut out = Vec::with_capacity(cmds.len());
+    for chunk in cmds.chunks(512) {
+        out.extend(src.run(|mut c| c.pipeline::<T>(chunk))?);
+    }
+    Ok(out)
+}
+
 /// Keys of one namespace.
+#[derive(Clone)]
 struct Keys {
     ns: String,
 }
@@ -318,6 +381,218 @@ pub struct RedisStore {
 enum Client {
     Single(redis::Client),
     Cluster(redis::cluster::ClusterClient),
+}
+
+/// Checks a config and makes its client (no connection yet).
+fn build_client(cfg: &RedisConfig) -> Result<Client, StoreError> {
+    if cfg.namespace.is_empty()
+        || !cfg
+            .namespace
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    {
+        return Err(StoreError::Config(format!(
+            "Redis namespace '{}' must be non-empty [A-Za-z0-9_.-]",
+            cfg.namespace
+        )));
+    }
+    if cfg.urls.is_empty() {
+        return Err(StoreError::Config("no Redis URL given".into()));
+    }
+    // rustls needs one process-wide crypto provider; a second install is a no-op.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let certs =
+        match &cfg.ca_file {
+            Some(p) => Some(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(std::fs::read(p).map_err(|e| {
+                    StoreError::Config(format!("Redis CA file {}: {e}", p.display()))
+                })?),
+            }),
+            None => None,
+        };
+    let bad = |e: RedisError| StoreError::Config(format!("{}: {e}", cfg.describe()));
+    Ok(if cfg.cluster {
+        let mut b = redis::cluster::ClusterClientBuilder::new(cfg.urls.clone())
+            .connection_timeout(cfg.connect_timeout)
+            .response_timeout(cfg.response_timeout)
+            .retries(2);
+        if let Some(u) = &cfg.username {
+            b = b.username(u);
+        }
+        if let Some(p) = &cfg.password {
+            b = b.password(p);
+        }
+        if let Some(c) = certs {
+            b = b.certs(c);
+        }
+        Client::Cluster(b.build().map_err(bad)?)
+    } else {
+        if cfg.urls.len() != 1 {
+            return Err(StoreError::Config(
+                "several Redis URLs given without --redis-cluster".into(),
+            ));
+        }
+        let mut info: redis::ConnectionInfo =
+            redis::IntoConnectionInfo::into_connection_info(cfg.urls[0].as_str()).map_err(bad)?;
+        let mut redis_info = info.redis_settings().clone();
+        if let Some(u) = &cfg.username {
+            redis_info = redis_info.set_username(u);
+        }
+        if let Some(p) = &cfg.password {
+            redis_info = redis_info.set_password(p);
+        }
+        info = info.set_redis_settings(redis_info);
+        let c = match certs {
+            Some(c) => redis::Client::build_with_tls(info, c),
+            None => redis::Client::open(info),
+        };
+        Client::Single(c.map_err(bad)?)
+    })
+}
+
+/// A shared, thread-safe reader of one namespace for queries: a pool of at most
+/// `pool_size` connections (`r2d2`), each request taking one for its round trip.
+/// Cheap to clone. It does not take over as writer.
+#[derive(Clone)]
+pub struct RedisReader {
+    inner: std::sync::Arc<ReaderInner>,
+}
+
+struct ReaderInner {
+    pool: Pool,
+    keys: Keys,
+    meta: Meta,
+    describe: String,
+}
+
+enum Pool {
+    Single(r2d2::Pool<redis::Client>),
+    Cluster(r2d2::Pool<redis::cluster::ClusterClient>),
+}
+
+/// Gives pooled single-server connections the configured reply timeout.
+#[derive(Debug)]
+struct Timeouts(Duration);
+
+impl r2d2::CustomizeConnection<redis::Connection, RedisError> for Timeouts {
+    fn on_acquire(&self, c: &mut redis::Connection) -> Result<(), RedisError> {
+        c.set_read_timeout(Some(self.0))?;
+        c.set_write_timeout(Some(self.0))
+    }
+}
+
+impl RedisReader {
+    /// Opens the pool (connecting at first use) and reads the namespace's meta.
+    pub fn open(cfg: &RedisConfig) -> Result<RedisReader, StoreError> {
+        if cfg.pool_size == 0 {
+            return Err(StoreError::Config(
+                "Redis pool size must be at least 1".into(),
+            ));
+        }
+        let (size, timeout) = (cfg.pool_size, cfg.connect_timeout);
+        let pool = match build_client(cfg)? {
+            Client::Single(c) => Pool::Single(
+                r2d2::Pool::builder()
+                    .max_size(size)
+                    .min_idle(Some(0))
+                    .connection_timeout(timeout)
+                    .connection_customizer(Box::new(Timeouts(cfg.response_timeout)))
+                    .build_unchecked(c),
+            ),
+            Client::Cluster(c) => Pool::Cluster(
+                r2d2::Pool::builder()
+                    .max_size(size)
+                    .min_idle(Some(0))
+                    .connection_timeout(timeout)
+                    .build_unchecked(c),
+            ),
+        };
+        let mut inner = ReaderInner {
+            pool,
+            keys: Keys {
+                ns: cfg.namespace.clone(),
+            },
+            meta: Meta::default(),
+            describe: cfg.describe(),
+        };
+        let key = inner.keys.meta();
+        let blob: Option<String> = PoolSource(&inner)
+            .run(|mut c| redis::cmd("HGET").arg(&key).arg("meta").query(c.con()))?;
+        if let Some(b) = blob {
+            inner.meta = serde_json::from_str(&b).map_err(|e| StoreError::Corrupt {
+                path: key,
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(RedisReader {
+            inner: std::sync::Arc::new(inner),
+        })
+    }
+
+    /// The meta read at open (the views are fixed; epoch and counters move on).
+    pub fn meta(&self) -> &Meta {
+        &self.inner.meta
+    }
+
+    /// As [`RedisStore::windows`], on a pooled connection.
+    pub fn windows(
+        &self,
+        provider: &str,
+        view: &str,
+        size: WindowSize,
+        group: &[&str],
+        t1: Millis,
+        t2: Millis,
+    ) -> Result<Vec<(Millis, u32, RowValue)>, StoreError> {
+        let i = &self.inner;
+        read_windows(
+            &mut PoolSource(i),
+            &i.keys,
+            &i.meta.views,
+            provider,
+            view,
+            size,
+            group,
+            (t1, t2),
+        )
+    }
+
+    /// Every stored row.
+    pub fn rows(&self) -> Result<Vec<StoredRow>, StoreError> {
+        let i = &self.inner;
+        read_rows(&mut PoolSource(i), &i.keys, &i.meta.views)
+    }
+}
+
+/// A pooled connection per call.
+struct PoolSource<'a>(&'a ReaderInner);
+
+impl Source for PoolSource<'_> {
+    fn run<T>(
+        &mut self,
+        f: impl FnOnce(ConnRef<'_>) -> Result<T, RedisError>,
+    ) -> Result<T, StoreError> {
+        let i = self.0;
+        let unavailable = |e: String| StoreError::Unavailable(format!("{}: {e}", i.describe));
+        let r = match &i.pool {
+            Pool::Single(p) => {
+                let mut c = p.get().map_err(|e| unavailable(e.to_string()))?;
+                f(ConnRef::Single(&mut c))
+            }
+            Pool::Cluster(p) => {
+                let mut c = p.get().map_err(|e| unavailable(e.to_string()))?;
+                f(ConnRef::Cluster(&mut c))
+            }
+        };
+        r.map_err(|e| {
+            if transient(&e) {
+                unavailable(e.to_string())
+            } else {
+                StoreError::Redis(format!("{}: {e}", i.describe))
+            }
+        })
+    }
 }
 
 /// Does this error mean "Redis is not reachable now" (retry), rather than a refusal?
@@ -374,70 +649,7 @@ impl RedisStore {
     }
 
     fn connect(cfg: RedisConfig) -> Result<RedisStore, StoreError> {
-        if cfg.namespace.is_empty()
-            || !cfg
-                .namespace
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-        {
-            return Err(StoreError::Config(format!(
-                "Redis namespace '{}' must be non-empty [A-Za-z0-9_.-]",
-                cfg.namespace
-            )));
-        }
-        if cfg.urls.is_empty() {
-            return Err(StoreError::Config("no Redis URL given".into()));
-        }
-        // rustls needs one process-wide crypto provider; a second install is a no-op.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let certs = match &cfg.ca_file {
-            Some(p) => Some(redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(std::fs::read(p).map_err(|e| {
-                    StoreError::Config(format!("Redis CA file {}: {e}", p.display()))
-                })?),
-            }),
-            None => None,
-        };
-        let bad = |e: RedisError| StoreError::Config(format!("{}: {e}", cfg.describe()));
-        let client = if cfg.cluster {
-            let mut b = redis::cluster::ClusterClientBuilder::new(cfg.urls.clone())
-                .connection_timeout(cfg.connect_timeout)
-                .response_timeout(cfg.response_timeout)
-                .retries(2);
-            if let Some(u) = &cfg.username {
-                b = b.username(u);
-            }
-            if let Some(p) = &cfg.password {
-                b = b.password(p);
-            }
-            if let Some(c) = certs {
-                b = b.certs(c);
-            }
-            Client::Cluster(b.build().map_err(bad)?)
-        } else {
-            if cfg.urls.len() != 1 {
-                return Err(StoreError::Config(
-                    "several Redis URLs given without --redis-cluster".into(),
-                ));
-            }
-            let mut info: redis::ConnectionInfo =
-                redis::IntoConnectionInfo::into_connection_info(cfg.urls[0].as_str())
-                    .map_err(bad)?;
-            let mut redis_info = info.redis_settings().clone();
-            if let Some(u) = &cfg.username {
-                redis_info = redis_info.set_username(u);
-            }
-            if let Some(p) = &cfg.password {
-                redis_info = redis_info.set_password(p);
-            }
-            info = info.set_redis_settings(redis_info);
-            let c = match certs {
-                Some(c) => redis::Client::build_with_tls(info, c),
-                None => redis::Client::open(info),
-            };
-            Client::Single(c.map_err(bad)?)
-        };
+        let client = build_client(&cfg)?;
         Ok(RedisStore {
             keys: Keys {
                 ns: cfg.namespace.clone(),
@@ -483,17 +695,7 @@ impl RedisStore {
         &mut self,
         f: impl FnOnce(&mut dyn ConnectionLike) -> Result<T, RedisError>,
     ) -> Result<T, StoreError> {
-        let r = match self.conn() {
-            Ok(c) => f(c.con()),
-            Err(e) => Err(e),
-        };
-        r.map_err(|e| {
-            if transient(&e) {
-                self.unavailable(e)
-            } else {
-                self.refused(&e)
-            }
-        })
+        self.run(|mut c| f(c.con()))
     }
 
     /// Reads meta: (generation, meta).
@@ -858,7 +1060,8 @@ impl RedisStore {
             .map(|w| (w.key.as_str(), plan.indexes[w.index].key.as_str(), w.start))
             .collect();
         if !emptied.is_empty() {
-            let exists: Vec<bool> = self.batch(
+            let exists: Vec<bool> = batch(
+                self,
                 emptied
                     .iter()
                     .map(|(k, _, _)| {
@@ -879,7 +1082,7 @@ impl RedisStore {
                 })
                 .collect();
             if !gone.is_empty() {
-                let _: Vec<i64> = self.batch(gone)?;
+                let _: Vec<i64> = batch(self, gone)?;
             }
         }
         self.meta = next;
@@ -985,164 +1188,14 @@ impl RedisStore {
     /// `MEMORY USAGE` of the window and index keys per view: view name -> (bytes,
     /// rows, window keys).
     pub fn memory_usage(&mut self) -> Result<BTreeMap<String, (u64, u64, u64)>, StoreError> {
-        let (windows, indexes) = self.window_keys()?;
-        let mut cmds = Vec::with_capacity(windows.len() * 2 + indexes.len());
-        for (_, _, _, k) in &windows {
-            let mut m = redis::cmd("MEMORY");
-            m.arg("USAGE").arg(k).arg("SAMPLES").arg(0);
-            let mut h = redis::cmd("HLEN");
-            h.arg(k);
-            cmds.push(m);
-            cmds.push(h);
-        }
-        for (_, k) in &indexes {
-            let mut m = redis::cmd("MEMORY");
-            m.arg("USAGE").arg(k).arg("SAMPLES").arg(0);
-            cmds.push(m);
-        }
-        let v: Vec<Option<u64>> = self.batch(cmds)?;
-        let name = |ix: usize| self.meta.views[ix].name.clone();
-        let mut out: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
-        for ((ix, _, _, _), pair) in windows.iter().zip(v.chunks(2)) {
-            let e = out.entry(name(*ix)).or_default();
-            e.0 += pair[0].unwrap_or(0);
-            e.1 += pair[1].unwrap_or(0);
-            e.2 += 1;
-        }
-        for ((ix, _), b) in indexes.iter().zip(&v[windows.len() * 2..]) {
-            out.entry(name(*ix)).or_default().0 += b.unwrap_or(0);
-        }
-        Ok(out)
-    }
-
-    /// Runs commands pipelined, in chunks (routed per key on a Cluster).
-    fn batch<T: redis::FromRedisValue>(
-        &mut self,
-        cmds: Vec<redis::Cmd>,
-    ) -> Result<Vec<T>, StoreError> {
-        let mut out = Vec::with_capacity(cmds.len());
-        for chunk in cmds.chunks(512) {
-            let r: Result<Vec<T>, RedisError> = match self.conn() {
-                Ok(Conn::Single(c)) => {
-                    let mut p = redis::pipe();
-                    for cmd in chunk {
-                        p.add_command(cmd.clone());
-                    }
-                    p.query(c)
-                }
-                Ok(Conn::Cluster(c)) => {
-                    let mut p = redis::cluster::cluster_pipe();
-                    for cmd in chunk {
-                        p.add_command(cmd.clone());
-                    }
-                    p.query(c)
-                }
-                Err(e) => Err(e),
-            };
-            match r {
-                Ok(v) => out.extend(v),
-                Err(e) if transient(&e) => return Err(self.unavailable(e)),
-                Err(e) => return Err(self.refused(&e)),
-            }
-        }
-        Ok(out)
-    }
-
-    /// Every window key of the namespace, as (view index, size, start, key), and
-    /// every index key, as (view index, key).
-    #[allow(clippy::type_complexity)]
-    fn window_keys(
-        &mut self,
-    ) -> Result<
-        (
-            Vec<(usize, WindowSize, Millis, String)>,
-            Vec<(usize, String)>,
-        ),
-        StoreError,
-    > {
-        let pkey = self.keys.providers();
-        let mut providers: Vec<String> =
-            self.with(|c| redis::cmd("SMEMBERS").arg(&pkey).query(c))?;
-        providers.sort();
-        let mut series = Vec::new();
-        for p in &providers {
-            let prefix = self.keys.provider(p);
-            for (ix, v) in self.meta.views.iter().enumerate() {
-                for size in &v.windows {
-                    let name = format!("{}:{}", v.name, size.label());
-                    series.push((
-                        ix,
-                        *size,
-                        format!("{prefix}i:{name}"),
-                        format!("{prefix}w:{name}:"),
-                    ));
-                }
-            }
-        }
-        let cmds = series
-            .iter()
-            .map(|(_, _, i, _)| {
-                let mut c = redis::cmd("ZRANGE");
-                c.arg(i).arg(0).arg(-1);
-                c
-            })
-            .collect();
-        let starts: Vec<Vec<Millis>> = self.batch(cmds)?;
-        let mut windows = Vec::new();
-        let mut indexes = Vec::new();
-        for ((ix, size, index, prefix), starts) in series.into_iter().zip(starts) {
-            if starts.is_empty() {
-                continue;
-            }
-            windows.extend(
-                starts
-                    .into_iter()
-                    .map(|st| (ix, size, st, format!("{prefix}{st}"))),
-            );
-            indexes.push((ix, index));
-        }
-        Ok((windows, indexes))
+        let (keys, views) = (self.keys.clone(), self.meta.views.clone());
+        memory_usage(self, &keys, &views)
     }
 
     /// Every stored row, read back from Redis.
     pub fn read_rows(&mut self) -> Result<Vec<StoredRow>, StoreError> {
-        let (windows, _) = self.window_keys()?;
-        let cmds = windows
-            .iter()
-            .map(|(_, _, _, k)| {
-                let mut c = redis::cmd("HGETALL");
-                c.arg(k);
-                c
-            })
-            .collect();
-        let all: Vec<Vec<(String, String)>> = self.batch(cmds)?;
-        let mut out = Vec::new();
-        for ((ix, size, start, key), fields) in windows.into_iter().zip(all) {
-            let view = &self.meta.views[ix];
-            let provider = key_provider(&key).unwrap_or_default();
-            for (f, v) in fields {
-                let corrupt = |what: &str| StoreError::Corrupt {
-                    path: format!("{key} {f}"),
-                    reason: format!("not a {what} of view {}", view.name),
-                };
-                let (mut group, rank) = parse_field(view, &f).ok_or_else(|| corrupt("field"))?;
-                group.insert(0, provider.into());
-                let value = parse_value(&v).ok_or_else(|| corrupt("value"))?;
-                out.push((
-                    (
-                        RowKey {
-                            view: ix as u16,
-                            size,
-                            start,
-                            group,
-                        },
-                        rank,
-                    ),
-                    value,
-                ));
-            }
-        }
-        Ok(out)
+        let (keys, views) = (self.keys.clone(), self.meta.views.clone());
+        read_rows(self, &keys, &views)
     }
 
     /// The windows of one group key (the group-by values after provider_id) from
@@ -1157,54 +1210,201 @@ impl RedisStore {
         t1: Millis,
         t2: Millis,
     ) -> Result<Vec<(Millis, u32, RowValue)>, StoreError> {
-        let Some(v) = self.meta.views.iter().find(|v| v.name == view).cloned() else {
-            return Ok(Vec::new());
-        };
-        let p = self.keys.provider(provider);
-        let name = format!("{}:{}", v.name, size.label());
-        let f = group
-            .iter()
-            .map(|g| escape(g))
-            .collect::<Vec<_>>()
-            .join(":");
-        let script = Script::new(READ);
-        let mut inv = script.prepare_invoke();
-        inv.key(format!("{p}i:{name}"))
-            .arg(format!("{p}w:{name}:"))
-            .arg(&f)
-            .arg(t1)
-            .arg(t2)
-            .arg(if v.top_k.is_some() { "1" } else { "0" });
-        let flat: Vec<String> = match self.conn() {
-            Ok(Conn::Single(c)) => inv.invoke(c),
-            Ok(Conn::Cluster(c)) => inv.invoke(&mut **c),
-            Err(e) => Err(e),
-        }
-        .map_err(|e| {
-            if transient(&e) {
-                self.unavailable(e)
-            } else {
-                self.refused(&e)
-            }
-        })?;
-        let mut out = Vec::new();
-        for t in flat.chunks(3) {
-            let bad = || StoreError::Corrupt {
-                path: format!("{p}w:{name}:{}", t[0]),
-                reason: format!("field '{}' or its value", t[1]),
-            };
-            let start: Millis = t[0].parse().map_err(|_| bad())?;
-            let (_, rank) = parse_field(&v, &t[1]).ok_or_else(bad)?;
-            out.push((start, rank, parse_value(&t[2]).ok_or_else(bad)?));
-        }
-        out.sort_by_key(|(s, r, _)| (*s, *r));
-        Ok(out)
+        let (keys, views) = (self.keys.clone(), self.meta.views.clone());
+        read_windows(self, &keys, &views, provider, view, size, group, (t1, t2))
     }
 
     /// This writer's generation.
     pub fn generation(&self) -> u64 {
         self.gen
     }
+}
+
+/// `MEMORY USAGE` of the window and index keys per view: view name -> (bytes,
+/// rows, window keys).
+fn memory_usage(
+    src: &mut impl Source,
+    keys: &Keys,
+    views: &[View],
+) -> Result<BTreeMap<String, (u64, u64, u64)>, StoreError> {
+    let (windows, indexes) = window_keys(src, keys, views)?;
+    let mut cmds = Vec::with_capacity(windows.len() * 2 + indexes.len());
+    for (_, _, _, k) in &windows {
+        let mut m = redis::cmd("MEMORY");
+        m.arg("USAGE").arg(k).arg("SAMPLES").arg(0);
+        let mut h = redis::cmd("HLEN");
+        h.arg(k);
+        cmds.push(m);
+        cmds.push(h);
+    }
+    for (_, k) in &indexes {
+        let mut m = redis::cmd("MEMORY");
+        m.arg("USAGE").arg(k).arg("SAMPLES").arg(0);
+        cmds.push(m);
+    }
+    let v: Vec<Option<u64>> = batch(src, cmds)?;
+    let name = |ix: usize| views[ix].name.clone();
+    let mut out: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+    for ((ix, _, _, _), pair) in windows.iter().zip(v.chunks(2)) {
+        let e = out.entry(name(*ix)).or_default();
+        e.0 += pair[0].unwrap_or(0);
+        e.1 += pair[1].unwrap_or(0);
+        e.2 += 1;
+    }
+    for ((ix, _), b) in indexes.iter().zip(&v[windows.len() * 2..]) {
+        out.entry(name(*ix)).or_default().0 += b.unwrap_or(0);
+    }
+    Ok(out)
+}
+
+/// Every window key of the namespace, as (view index, size, start, key), and
+/// every index key, as (view index, key).
+#[allow(clippy::type_complexity)]
+fn window_keys(
+    src: &mut impl Source,
+    keys: &Keys,
+    views: &[View],
+) -> Result<
+    (
+        Vec<(usize, WindowSize, Millis, String)>,
+        Vec<(usize, String)>,
+    ),
+    StoreError,
+> {
+    let pkey = keys.providers();
+    let mut providers: Vec<String> =
+        src.run(|mut c| redis::cmd("SMEMBERS").arg(&pkey).query(c.con()))?;
+    providers.sort();
+    let mut series = Vec::new();
+    for p in &providers {
+        let prefix = keys.provider(p);
+        for (ix, v) in views.iter().enumerate() {
+            for size in &v.windows {
+                let name = format!("{}:{}", v.name, size.label());
+                series.push((
+                    ix,
+                    *size,
+                    format!("{prefix}i:{name}"),
+                    format!("{prefix}w:{name}:"),
+                ));
+            }
+        }
+    }
+    let cmds = series
+        .iter()
+        .map(|(_, _, i, _)| {
+            let mut c = redis::cmd("ZRANGE");
+            c.arg(i).arg(0).arg(-1);
+            c
+        })
+        .collect();
+    let starts: Vec<Vec<Millis>> = batch(src, cmds)?;
+    let mut windows = Vec::new();
+    let mut indexes = Vec::new();
+    for ((ix, size, index, prefix), starts) in series.into_iter().zip(starts) {
+        if starts.is_empty() {
+            continue;
+        }
+        windows.extend(
+            starts
+                .into_iter()
+                .map(|st| (ix, size, st, format!("{prefix}{st}"))),
+        );
+        indexes.push((ix, index));
+    }
+    Ok((windows, indexes))
+}
+
+/// Every stored row, read back from Redis.
+fn read_rows(
+    src: &mut impl Source,
+    keys: &Keys,
+    views: &[View],
+) -> Result<Vec<StoredRow>, StoreError> {
+    let (windows, _) = window_keys(src, keys, views)?;
+    let cmds = windows
+        .iter()
+        .map(|(_, _, _, k)| {
+            let mut c = redis::cmd("HGETALL");
+            c.arg(k);
+            c
+        })
+        .collect();
+    let all: Vec<Vec<(String, String)>> = batch(src, cmds)?;
+    let mut out = Vec::new();
+    for ((ix, size, start, key), fields) in windows.into_iter().zip(all) {
+        let view = &views[ix];
+        let provider = key_provider(&key).unwrap_or_default();
+        for (f, v) in fields {
+            let corrupt = |what: &str| StoreError::Corrupt {
+                path: format!("{key} {f}"),
+                reason: format!("not a {what} of view {}", view.name),
+            };
+            let (mut group, rank) = parse_field(view, &f).ok_or_else(|| corrupt("field"))?;
+            group.insert(0, provider.into());
+            let value = parse_value(&v).ok_or_else(|| corrupt("value"))?;
+            out.push((
+                (
+                    RowKey {
+                        view: ix as u16,
+                        size,
+                        start,
+                        group,
+                    },
+                    rank,
+                ),
+                value,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// The windows of one group key (the group-by values after provider_id) from
+/// `t1` to `t2` (window starts, inclusive), in one round trip: (start, rank,
+/// value), by start then rank.
+#[allow(clippy::too_many_arguments)]
+fn read_windows(
+    src: &mut impl Source,
+    keys: &Keys,
+    views: &[View],
+    provider: &str,
+    view: &str,
+    size: WindowSize,
+    group: &[&str],
+    (t1, t2): (Millis, Millis),
+) -> Result<Vec<(Millis, u32, RowValue)>, StoreError> {
+    let Some(v) = views.iter().find(|v| v.name == view).cloned() else {
+        return Ok(Vec::new());
+    };
+    let p = keys.provider(provider);
+    let name = format!("{}:{}", v.name, size.label());
+    let f = group
+        .iter()
+        .map(|g| escape(g))
+        .collect::<Vec<_>>()
+        .join(":");
+    let script = Script::new(READ);
+    let mut inv = script.prepare_invoke();
+    inv.key(format!("{p}i:{name}"))
+        .arg(format!("{p}w:{name}:"))
+        .arg(&f)
+        .arg(t1)
+        .arg(t2)
+        .arg(if v.top_k.is_some() { "1" } else { "0" });
+    let flat: Vec<String> = src.run(|mut c| inv.invoke(c.con()))?;
+    let mut out = Vec::new();
+    for t in flat.chunks(3) {
+        let bad = || StoreError::Corrupt {
+            path: format!("{p}w:{name}:{}", t[0]),
+            reason: format!("field '{}' or its value", t[1]),
+        };
+        let start: Millis = t[0].parse().map_err(|_| bad())?;
+        let (_, rank) = parse_field(&v, &t[1]).ok_or_else(bad)?;
+        out.push((start, rank, parse_value(&t[2]).ok_or_else(bad)?));
+    }
+    out.sort_by_key(|(s, r, _)| (*s, *r));
+    Ok(out)
 }
 
 /// What one commit does to the keys of a provider (or all, on one server).
@@ -1409,6 +1609,25 @@ fn parse_value(s: &str) -> Option<RowValue> {
             None => None,
         },
     })
+}
+
+impl Source for RedisStore {
+    fn run<T>(
+        &mut self,
+        f: impl FnOnce(ConnRef<'_>) -> Result<T, RedisError>,
+    ) -> Result<T, StoreError> {
+        let r = match self.conn() {
+            Ok(c) => f(c.as_ref()),
+            Err(e) => Err(e),
+        };
+        r.map_err(|e| {
+            if transient(&e) {
+                self.unavailable(e)
+            } else {
+                self.refused(&e)
+            }
+        })
+    }
 }
 
 impl Store for RedisStore {
