@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use tally::dataflow::{RowKey, RowUpdate, RowValue, Sums};
 use tally::model::window::WindowSize;
 use tally::pipeline::{Pipeline, View, DEFAULT_PIPELINE};
-use tally::store::redis::{RedisConfig, RedisStore};
+use tally::store::redis::{RedisConfig, RedisStore, WindowQuery};
 use tally::store::{Commit, Counters, Store, StoreConfig, StoreError, StoredRow};
 
 const MIN: i64 = 60_000;
@@ -54,6 +54,23 @@ fn row(view: u16, size: &str, start: i64, group: &[&str], rank: u32, v: Sums) ->
         ),
         value,
     )
+}
+
+/// claro's first `n` minutes from T0 in COP, the i-th with i + 1 sales.
+fn claro_minutes(n: i64) -> Vec<(StoredRow, bool)> {
+    (0..n)
+        .map(|i| {
+            let r = row(
+                0,
+                "1m",
+                T0 + i * MIN,
+                &["claro", "COP"],
+                0,
+                sums(i + 1, 100, 0, 0),
+            );
+            (r, true)
+        })
+        .collect()
 }
 
 fn commit(epoch: u64, clock: i64, changes: Vec<(StoredRow, bool)>) -> Commit {
@@ -289,21 +306,7 @@ fn one_round_trip_answers_a_range_of_windows_and_windows_carry_ttls() {
     let r = RedisServer::start();
     let mut s = RedisStore::open(redis_cfg(r.url(), false)).unwrap();
     s.bind_views(&views()).unwrap();
-    let mut rows: Vec<(StoredRow, bool)> = (0..5)
-        .map(|i| {
-            (
-                row(
-                    0,
-                    "1m",
-                    T0 + i * MIN,
-                    &["claro", "COP"],
-                    0,
-                    sums(i + 1, 100, 0, 0),
-                ),
-                true,
-            )
-        })
-        .collect();
+    let mut rows = claro_minutes(5);
     rows.push((
         row(0, "1m", T0 + MIN, &["claro", "USD"], 0, sums(50, 100, 0, 0)),
         true,
@@ -320,15 +323,22 @@ fn one_round_trip_answers_a_range_of_windows_and_windows_carry_ttls() {
     s.commit(&commit(1, T0 + 5 * MIN, rows)).unwrap();
 
     let minute = WindowSize::parse("1m").unwrap();
+    let q = |provider, view, size, from, to| WindowQuery {
+        provider,
+        view,
+        size,
+        group: &["COP"],
+        from,
+        to,
+    };
     let got = s
-        .windows(
+        .windows(&q(
             "claro",
             "provider_window",
             minute,
-            &["COP"],
             T0 + MIN,
             T0 + 3 * MIN,
-        )
+        ))
         .unwrap();
     let starts: Vec<i64> = got.iter().map(|(st, _, _)| *st).collect();
     assert_eq!(starts, vec![T0 + MIN, T0 + 2 * MIN, T0 + 3 * MIN]);
@@ -338,14 +348,7 @@ fn one_round_trip_answers_a_range_of_windows_and_windows_carry_ttls() {
     );
     assert_eq!(got[0].2.min_ticket, Some(150));
     let top = s
-        .windows(
-            "claro",
-            "top_products",
-            WindowSize::LocalDay,
-            &["COP"],
-            day,
-            day,
-        )
+        .windows(&q("claro", "top_products", WindowSize::LocalDay, day, day))
         .unwrap();
     assert_eq!(
         top.iter()
@@ -354,14 +357,7 @@ fn one_round_trip_answers_a_range_of_windows_and_windows_carry_ttls() {
         vec![(1, 9), (2, 1)]
     );
     assert!(s
-        .windows(
-            "tigo",
-            "provider_window",
-            minute,
-            &["COP"],
-            T0,
-            T0 + 9 * MIN
-        )
+        .windows(&q("tigo", "provider_window", minute, T0, T0 + 9 * MIN))
         .unwrap()
         .is_empty());
 
@@ -521,22 +517,8 @@ fn a_pool_of_readers_answers_concurrent_queries_within_its_size() {
         let mut cfg = redis_cfg(urls, cluster);
         let mut w = RedisStore::open(cfg.clone()).unwrap();
         w.bind_views(&views()).unwrap();
-        let rows: Vec<(StoredRow, bool)> = (0..60)
-            .map(|i| {
-                (
-                    row(
-                        0,
-                        "1m",
-                        T0 + i * MIN,
-                        &["claro", "COP"],
-                        0,
-                        sums(i + 1, 100, 0, 0),
-                    ),
-                    true,
-                )
-            })
-            .collect();
-        w.commit(&commit(1, T0 + 60 * MIN, rows)).unwrap();
+        w.commit(&commit(1, T0 + 60 * MIN, claro_minutes(60)))
+            .unwrap();
         cfg.pool_size = 2;
         let reader = tally::store::redis::RedisReader::open(&cfg).unwrap();
         assert_eq!(reader.meta().epoch, 1);
@@ -548,14 +530,14 @@ fn a_pool_of_readers_answers_concurrent_queries_within_its_size() {
                     for q in 0..40i64 {
                         let (a, b) = ((t * 7 + q) % 60, (t * 7 + q) % 60 + q % 5);
                         let got = reader
-                            .windows(
-                                "claro",
-                                "provider_window",
-                                minute,
-                                &["COP"],
-                                T0 + a * MIN,
-                                T0 + b * MIN,
-                            )
+                            .windows(&WindowQuery {
+                                provider: "claro",
+                                view: "provider_window",
+                                size: minute,
+                                group: &["COP"],
+                                from: T0 + a * MIN,
+                                to: T0 + b * MIN,
+                            })
                             .unwrap();
                         let sales: Vec<i64> = got.iter().map(|(_, _, v)| v.sums.sales).collect();
                         let want: Vec<i64> = (a..=b.min(59)).map(|i| i + 1).collect();

@@ -536,26 +536,9 @@ impl RedisReader {
     }
 
     /// As [`RedisStore::windows`], on a pooled connection.
-    pub fn windows(
-        &self,
-        provider: &str,
-        view: &str,
-        size: WindowSize,
-        group: &[&str],
-        t1: Millis,
-        t2: Millis,
-    ) -> Result<Vec<(Millis, u32, RowValue)>, StoreError> {
+    pub fn windows(&self, q: &WindowQuery) -> Result<Vec<(Millis, u32, RowValue)>, StoreError> {
         let i = &self.inner;
-        read_windows(
-            &mut PoolSource(i),
-            &i.keys,
-            &i.meta.views,
-            provider,
-            view,
-            size,
-            group,
-            (t1, t2),
-        )
+        read_windows(&mut PoolSource(i), &i.keys, &i.meta.views, q)
     }
 
     /// Every stored row.
@@ -1145,8 +1128,8 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Is `epoch` stored under this writer's generation (our own earlier attempt)?
-    fn confirm(&mut self, epoch: u64) -> Result<bool, StoreError> {
+    /// The stored (generation, epoch).
+    fn stored_fence(&mut self) -> Result<(u64, u64), StoreError> {
         let key = self.keys.meta();
         let (g, e): (Option<u64>, Option<u64>) = self.with(|c| {
             redis::cmd("HMGET")
@@ -1155,21 +1138,18 @@ impl RedisStore {
                 .arg("epoch")
                 .query(c)
         })?;
-        Ok(g == Some(self.gen) && e == Some(epoch))
+        Ok((g.unwrap_or(0), e.unwrap_or(0)))
+    }
+
+    /// Is `epoch` stored under this writer's generation (our own earlier attempt)?
+    fn confirm(&mut self, epoch: u64) -> Result<bool, StoreError> {
+        Ok(self.stored_fence()? == (self.gen, epoch))
     }
 
     /// Checks that Redis still holds what this writer committed: an older stored
     /// epoch means Redis lost writes, and the process must rebuild from it.
     fn check_not_behind(&mut self) -> Result<(), StoreError> {
-        let key = self.keys.meta();
-        let (g, e): (Option<u64>, Option<u64>) = self.with(|c| {
-            redis::cmd("HMGET")
-                .arg(&key)
-                .arg("gen")
-                .arg("epoch")
-                .query(c)
-        })?;
-        let (g, e) = (g.unwrap_or(0), e.unwrap_or(0));
+        let (g, e) = self.stored_fence()?;
         if g > self.gen {
             return Err(StoreError::Superseded {
                 mine: self.gen,
@@ -1198,20 +1178,11 @@ impl RedisStore {
         read_rows(self, &keys, &views)
     }
 
-    /// The windows of one group key (the group-by values after provider_id) from
-    /// `t1` to `t2` (window starts, inclusive), in one round trip: (start, rank,
-    /// value), by start then rank.
-    pub fn windows(
-        &mut self,
-        provider: &str,
-        view: &str,
-        size: WindowSize,
-        group: &[&str],
-        t1: Millis,
-        t2: Millis,
-    ) -> Result<Vec<(Millis, u32, RowValue)>, StoreError> {
+    /// The windows a query asks for, in one round trip: (start, rank, value), by
+    /// start then rank.
+    pub fn windows(&mut self, q: &WindowQuery) -> Result<Vec<(Millis, u32, RowValue)>, StoreError> {
         let (keys, views) = (self.keys.clone(), self.meta.views.clone());
-        read_windows(self, &keys, &views, provider, view, size, group, (t1, t2))
+        read_windows(self, &keys, &views, q)
     }
 
     /// This writer's generation.
@@ -1363,23 +1334,19 @@ fn read_rows(
 /// The windows of one group key (the group-by values after provider_id) from
 /// `t1` to `t2` (window starts, inclusive), in one round trip: (start, rank,
 /// value), by start then rank.
-#[allow(clippy::too_many_arguments)]
 fn read_windows(
     src: &mut impl Source,
     keys: &Keys,
     views: &[View],
-    provider: &str,
-    view: &str,
-    size: WindowSize,
-    group: &[&str],
-    (t1, t2): (Millis, Millis),
+    q: &WindowQuery,
 ) -> Result<Vec<(Millis, u32, RowValue)>, StoreError> {
-    let Some(v) = views.iter().find(|v| v.name == view).cloned() else {
+    let Some(v) = views.iter().find(|v| v.name == q.view).cloned() else {
         return Ok(Vec::new());
     };
-    let p = keys.provider(provider);
-    let name = format!("{}:{}", v.name, size.label());
-    let f = group
+    let p = keys.provider(q.provider);
+    let name = format!("{}:{}", v.name, q.size.label());
+    let f = q
+        .group
         .iter()
         .map(|g| escape(g))
         .collect::<Vec<_>>()
@@ -1389,8 +1356,8 @@ fn read_windows(
     inv.key(format!("{p}i:{name}"))
         .arg(format!("{p}w:{name}:"))
         .arg(&f)
-        .arg(t1)
-        .arg(t2)
+        .arg(q.from)
+        .arg(q.to)
         .arg(if v.top_k.is_some() { "1" } else { "0" });
     let flat: Vec<String> = src.run(|mut c| inv.invoke(c.con()))?;
     let mut out = Vec::new();
@@ -1405,6 +1372,19 @@ fn read_windows(
     }
     out.sort_by_key(|(s, r, _)| (*s, *r));
     Ok(out)
+}
+
+/// "All windows of provider P, view V, size S, group key K, from T1 to T2".
+#[derive(Clone, Debug)]
+pub struct WindowQuery<'a> {
+    pub provider: &'a str,
+    pub view: &'a str,
+    pub size: WindowSize,
+    /// The group-by values after provider_id, in the view's order.
+    pub group: &'a [&'a str],
+    /// Window starts, inclusive.
+    pub from: Millis,
+    pub to: Millis,
 }
 
 /// What one commit does to the keys of a provider (or all, on one server).
