@@ -318,6 +318,14 @@ fn redis_unreachable_at_start_is_retried_and_reported() {
     let status = wait_child(child, Duration::from_secs(60));
     assert!(status.success());
     assert!(export_redis(&redis.url(), false) == expected);
+    // A namespace nobody wrote: said, not an empty export.
+    let out = tally()
+        .args(["export", "--redis", &url, "--redis-namespace", "nobody"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("(namespace nobody) holds no commits"), "{err}");
 }
 
 fn wait_child(mut child: Child, limit: Duration) -> std::process::ExitStatus {
@@ -511,5 +519,69 @@ fn a_second_writer_takes_over_and_the_first_stops_saying_why() {
     assert!(
         err.contains("another writer (generation 2) took over"),
         "{err}"
+    );
+}
+
+#[test]
+fn redis_that_lost_commits_stops_the_writer_and_a_restart_rebuilds_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let full = tmp.path().join("full.jsonl");
+    gen_to(&full, &["--events", "30000", "--seed", "28"]);
+    let expected = reference(&full, tmp.path());
+    let bytes = std::fs::read(&full).unwrap();
+    let lines: Vec<&[u8]> = bytes
+        .strip_suffix(b"\n")
+        .unwrap()
+        .split(|b| *b == b'\n')
+        .collect();
+    let (first, rest) = lines.split_at(lines.len() / 2);
+    // No persistence at all: a restart loses everything committed.
+    let mut redis = RedisServer::start_with(&["--appendonly", "no"]);
+    let port = redis.port;
+    let input = tmp.path().join("growing.jsonl");
+    let data = tmp.path().join("d");
+    append(&input, first);
+    let child = tally()
+        .args(["run", &p(&input), "--follow", "--data-dir", &p(&data)])
+        .args(["--redis", &redis.url()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let len = std::fs::metadata(&input).unwrap().len();
+    wait_for("the first half committed", Duration::from_secs(30), || {
+        committed_offset(port, &input) == len
+    });
+    redis.stop(true);
+    redis.start_again();
+    assert_eq!(committed_epoch(port), 0, "the restarted Redis is empty");
+    append(&input, rest);
+    let out = {
+        let start = Instant::now();
+        let mut child = child;
+        while child.try_wait().unwrap().is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the writer went on"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().unwrap()
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("lost writes"), "{err}");
+    // The restart finds epoch 0 in Redis: it cuts the staging log and the dead
+    // letters back to nothing and reads everything again, counting it once.
+    let status = tally()
+        .args(["run", &p(&input), "--until-eof", "--data-dir", &p(&data)])
+        .args(["--redis", &redis.url()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(export_redis(&redis.url(), false) == expected);
+    assert_eq!(
+        dead_letters_by_line(&data, &input),
+        dead_letters_by_line(&tmp.path().join("ref"), &full)
     );
 }

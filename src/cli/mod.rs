@@ -363,8 +363,15 @@ pub fn export_store(store: &StoreConfig, data_dir: &Path, out: Option<&Path>) ->
             data_dir.display()
         );
     }
-    let mut store = store.open_reader(data_dir)?;
-    let rows = store.rows()?;
+    let mut opened = store.open_reader(data_dir)?;
+    if let StoreConfig::Redis(c) = store {
+        anyhow::ensure!(
+            opened.meta().epoch > 0,
+            "{} holds no commits: check --redis and --redis-namespace",
+            c.describe()
+        );
+    }
+    let rows = opened.rows()?;
     let mut w: Box<dyn Write> = match out {
         Some(p) => {
             Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
@@ -372,7 +379,7 @@ pub fn export_store(store: &StoreConfig, data_dir: &Path, out: Option<&Path>) ->
         None => Box::new(std::io::stdout().lock()),
     };
     let mut w = std::io::BufWriter::new(&mut w);
-    let n = export::write(store.meta(), rows, &mut w)?;
+    let n = export::write(opened.meta(), rows, &mut w)?;
     w.flush()?;
     Ok(n)
 }
