@@ -41,6 +41,14 @@ pub const STORE_UP: &str = "tally_store_up";
 pub const STORE_OUTAGE_SECONDS: &str = "tally_store_outage_seconds";
 /// The largest event time committed, Unix seconds (gauge).
 pub const EVENT_TIME: &str = "tally_event_time_seconds";
+/// Wall clock minus the largest event time committed, seconds: how far behind live
+/// the committed aggregates are (large during a backfill) (gauge).
+pub const FRESHNESS: &str = "tally_freshness_seconds";
+/// Bytes of a file input not yet committed, label `source` (gauge).
+pub const SOURCE_LAG_BYTES: &str = "tally_source_lag_bytes";
+/// Failed store commits, label `kind`: `unavailable` (retried) or `refused` (the
+/// run stops) (counter).
+pub const STORE_ERRORS: &str = "tally_store_errors_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -111,6 +119,20 @@ fn describe() {
         EVENT_TIME,
         Unit::Seconds,
         "The largest event time committed (Unix seconds)"
+    );
+    describe_gauge!(
+        FRESHNESS,
+        Unit::Seconds,
+        "Wall clock minus the largest event time committed"
+    );
+    describe_gauge!(
+        SOURCE_LAG_BYTES,
+        Unit::Bytes,
+        "Bytes of a file input not yet committed"
+    );
+    describe_counter!(
+        STORE_ERRORS,
+        "Failed store commits by kind (unavailable: retried; refused: the run stops)"
     );
 }
 

@@ -3,6 +3,7 @@
 mod common;
 
 use common::{gen_to, ok, run_until_eof, tally};
+use std::time::Duration;
 
 #[test]
 fn gen_is_deterministic() {
@@ -272,4 +273,91 @@ fn a_directory_from_the_pipeline_sources_reads_like_its_files_concatenated() {
         r
     };
     assert_eq!(reasons(&d1), reasons(&d2));
+}
+
+/// docs/metrics.md and the constants of src/metrics.rs name the same metrics.
+#[test]
+fn metrics_doc_lists_exactly_the_metrics_in_the_code() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let code = std::fs::read_to_string(root.join("src/metrics.rs")).unwrap();
+    let in_code: std::collections::BTreeSet<String> = code
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("pub const "))
+        .filter_map(|l| l.split('"').nth(1))
+        .map(str::to_owned)
+        .collect();
+    let doc = std::fs::read_to_string(root.join("docs/metrics.md")).unwrap();
+    let in_doc: std::collections::BTreeSet<String> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .filter(|n| n.starts_with("tally_"))
+        .map(str::to_owned)
+        .collect();
+    assert!(in_code.len() >= 15, "{in_code:?}");
+    assert_eq!(in_code, in_doc);
+}
+
+/// A run's metrics endpoint, scraped while it runs, counts what was sent.
+#[test]
+fn metrics_during_a_run_count_what_was_sent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("events.jsonl");
+    common::gen_to(
+        &input,
+        &["--events", "20000", "--seed", "31", "--bad-rate", "0.01"],
+    );
+    let lines = std::fs::read(&input)
+        .unwrap()
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count();
+    let addr = format!("127.0.0.1:{}", common::redis::free_port());
+    let data = tmp.path().join("d");
+    let mut child = common::tally()
+        .args(["run", input.to_str().unwrap(), "--follow", "--data-dir"])
+        .arg(&data)
+        .args(["--metrics-addr", &addr])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    common::wait_for("every record counted", Duration::from_secs(60), || {
+        std::net::TcpStream::connect(&addr).is_ok()
+            && common::find_metric(&common::scrape(&addr), "tally_records_total")
+                == Some(lines as f64)
+    });
+    let m = common::scrape(&addr);
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert!(child.wait().unwrap().success());
+    // Against what the run committed and wrote.
+    let store = tally::store::embedded::EmbeddedStore::open(&data).unwrap();
+    let c = &tally::store::Store::meta(&store).counters;
+    assert_eq!(c.records, lines as u64);
+    assert_eq!(
+        common::metric(&m, "tally_accepted_total"),
+        c.accepted as f64
+    );
+    assert_eq!(
+        common::metric(&m, "tally_duplicates_total"),
+        c.duplicates as f64
+    );
+    assert!(c.dead_letters.len() >= 10, "{:?}", c.dead_letters);
+    for (reason, n) in &c.dead_letters {
+        let name = format!("tally_dead_letters_total{{reason=\"{reason}\"}}");
+        assert_eq!(common::metric(&m, &name), *n as f64, "{reason}");
+    }
+    let dead_lines = std::fs::read_to_string(data.join("dead-letters.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(c.dead_letter_total(), dead_lines as u64);
+    assert_eq!(common::metric(&m, "tally_store_up"), 1.0);
+    assert_eq!(common::metric(&m, "tally_epochs_pending"), 0.0);
+    let source = format!("tally_source_lag_bytes{{source=\"{}\"}}", input.display());
+    assert_eq!(common::metric(&m, &source), 0.0);
+    assert!(common::metric(&m, "tally_epochs_committed_total") >= 1.0);
+    assert!(m.contains("tally_commit_seconds_bucket"), "{m}");
 }

@@ -6,7 +6,7 @@
 mod common;
 
 use common::redis::{free_port, RedisCluster, RedisServer};
-use common::{dead_letters_by_line, gen_to, run_until_eof, tally, wait_for};
+use common::{dead_letters_by_line, gen_to, metric, run_until_eof, scrape, tally, wait_for};
 use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Stdio};
@@ -256,28 +256,6 @@ fn redis_stopped_twice_mid_run_pauses_commits_then_catches_up_exactly() {
         "{log}"
     );
     assert_eq!(log.matches("store reachable again").count(), 2, "{log}");
-}
-
-/// `GET /metrics` from a running tally.
-fn scrape(addr: &str) -> String {
-    use std::io::Read;
-    let mut c = std::net::TcpStream::connect(addr).unwrap();
-    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: tally\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    c.read_to_string(&mut text).unwrap();
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    text
-}
-
-/// The value of an unlabelled sample.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 #[test]

@@ -83,6 +83,8 @@ pub struct EpochReport {
     pub commit_latency: Duration,
     /// Inside the store's commit alone (retries during an outage included).
     pub store_latency: Duration,
+    /// Per source name, the byte offset just after the last record committed.
+    pub positions: BTreeMap<String, u64>,
 }
 
 /// What a finished run did.
@@ -622,6 +624,7 @@ fn commit_epoch(
     let store_latency = store_started.elapsed();
     Ok(EpochReport {
         store_latency,
+        positions: commit.positions,
         epoch,
         clock,
         rows_changed,
@@ -657,6 +660,7 @@ fn commit_with_retry(
                 return Ok(());
             }
             Err(e) if e.is_transient() => {
+                metrics::counter!(m::STORE_ERRORS, "kind" => "unavailable").increment(1);
                 if outage.is_none() {
                     metrics::gauge!(m::STORE_UP).set(0.0);
                     tracing::error!(epoch = commit.epoch, error = %e, "store unavailable; commits paused, reading stops once {IN_FLIGHT} epochs wait");
@@ -667,7 +671,10 @@ fn commit_with_retry(
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_secs(5));
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                metrics::counter!(m::STORE_ERRORS, "kind" => "refused").increment(1);
+                return Err(e);
+            }
         }
     }
 }
@@ -689,6 +696,18 @@ fn record(r: &EpochReport) {
     metrics::gauge!(m::COMMIT_LAG).set(0.0);
     if r.clock != Millis::MIN {
         metrics::gauge!(m::EVENT_TIME).set(r.clock as f64 / 1000.0);
+        let now = chrono::Utc::now().timestamp_millis();
+        metrics::gauge!(m::FRESHNESS).set(now.saturating_sub(r.clock) as f64 / 1000.0);
+    }
+    // Bytes not yet committed, for inputs that are files (stdin and generated input
+    // have no size).
+    for (name, offset) in &r.positions {
+        if let Ok(md) = std::fs::metadata(name) {
+            if md.is_file() {
+                metrics::gauge!(m::SOURCE_LAG_BYTES, "source" => name.clone())
+                    .set(md.len().saturating_sub(*offset) as f64);
+            }
+        }
     }
 }
 

@@ -108,3 +108,27 @@ pub fn gen_to(out: &Path, options: &[&str]) {
     args.extend(["--out", out.to_str().expect("UTF-8 test paths")]);
     ok(&args);
 }
+
+/// `GET /metrics` from a running tally.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: tally\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    c.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
+}
+
+/// The value of a sample (`name` with its labels, as exported); panics if absent.
+pub fn metric(text: &str, name: &str) -> f64 {
+    find_metric(text, name).unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+/// The value of a sample, if the text has it (a counter appears at its first count).
+pub fn find_metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+}
