@@ -563,3 +563,60 @@ fn redis_that_lost_commits_stops_the_writer_and_a_restart_rebuilds_exactly() {
         dead_letters_by_line(&tmp.path().join("ref"), &full)
     );
 }
+
+#[test]
+fn sigterm_during_an_outage_exits_at_the_deadline_and_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let full = tmp.path().join("full.jsonl");
+    gen_to(&full, &["--events", "20000", "--seed", "29"]);
+    let expected = reference(&full, tmp.path());
+    let bytes = std::fs::read(&full).unwrap();
+    let lines: Vec<&[u8]> = bytes
+        .strip_suffix(b"\n")
+        .unwrap()
+        .split(|b| *b == b'\n')
+        .collect();
+    let (first, rest) = lines.split_at(lines.len() / 2);
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let input = tmp.path().join("growing.jsonl");
+    let data = tmp.path().join("d");
+    append(&input, first);
+    let mut child = tally()
+        .args(["run", &p(&input), "--follow", "--data-dir", &p(&data)])
+        .args(["--redis", &redis.url(), "--shutdown-timeout", "1s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let len = std::fs::metadata(&input).unwrap().len();
+    wait_for("the first half committed", Duration::from_secs(30), || {
+        committed_offset(port, &input) == len
+    });
+    redis.stop(false);
+    append(&input, rest);
+    std::thread::sleep(Duration::from_millis(800));
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "still waiting for Redis past its deadline"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("shutdown deadline of 1s passed"), "{err}");
+    redis.start_again();
+    let status = tally()
+        .args(["run", &p(&input), "--until-eof", "--data-dir", &p(&data)])
+        .args(["--redis", &redis.url()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(export_redis(&redis.url(), false) == expected);
+}

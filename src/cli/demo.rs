@@ -57,7 +57,7 @@ pub fn demo(a: DemoArgs) -> Result<Exit> {
     );
     println!();
 
-    let stop = super::stop_on_signal();
+    let stop = super::stop_on_signal(None);
     if a.seconds > 0 {
         let s = Arc::clone(&stop);
         let secs = a.seconds;

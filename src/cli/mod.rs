@@ -92,6 +92,10 @@ pub struct RunArgs {
     /// Print one line per committed epoch.
     #[arg(long)]
     pub progress: bool,
+    /// After Ctrl-C or SIGTERM, how long to drain and commit before exiting anyway
+    /// (exit code 3; nothing is lost, the rest is read again at the next start).
+    #[arg(long, default_value = "30s")]
+    pub shutdown_timeout: String,
     /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9464).
     #[arg(long, env = "TALLY_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
@@ -227,8 +231,11 @@ pub fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Installs Ctrl-C / SIGTERM handling: the first signal stops gracefully.
-pub fn stop_on_signal() -> Arc<AtomicBool> {
+/// Installs Ctrl-C / SIGTERM handling: the first signal stops gracefully (stop
+/// reading, drain, commit); a second one, or `deadline` passing first, exits at
+/// once. Either way nothing is lost: what was not committed is read again at the
+/// next start.
+pub fn stop_on_signal(deadline: Option<std::time::Duration>) -> Arc<AtomicBool> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
     let _ = ctrlc::set_handler(move || {
@@ -236,6 +243,18 @@ pub fn stop_on_signal() -> Arc<AtomicBool> {
             std::process::exit(130);
         }
         eprintln!("stopping: committing what was read (signal again to abort)");
+        if let Some(d) = deadline {
+            let _ = std::thread::Builder::new()
+                .name("tally-deadline".into())
+                .spawn(move || {
+                    std::thread::sleep(d);
+                    eprintln!(
+                        "tally: shutdown deadline of {d:?} passed before every epoch was committed; \
+                         what was not committed is read again at the next start"
+                    );
+                    std::process::exit(3);
+                });
+        }
     });
     stop
 }
@@ -323,7 +342,10 @@ fn run(a: RunArgs) -> Result<Exit> {
         inputs,
         follow,
         until_eof: a.until_eof,
-        stop: stop_on_signal(),
+        stop: stop_on_signal(Some(
+            crate::pipeline::parse_duration(&a.shutdown_timeout)
+                .map_err(|e| anyhow::anyhow!("--shutdown-timeout '{}': {e}", a.shutdown_timeout))?,
+        )),
     };
     let progress = a.progress;
     let summary = ingest::run(cfg, move |r| {
