@@ -79,7 +79,12 @@ impl StagingLog {
         if actual < committed_len {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("{} is shorter ({actual} bytes) than the store's committed length ({committed_len})", path.display()),
+                format!(
+                    "{} is shorter ({actual} bytes) than the store's committed length \
+                     ({committed_len}): the store's commits came from another data directory; \
+                     run with that one, or commit to a new store (another --redis-namespace)",
+                    path.display()
+                ),
             ));
         }
         file.set_len(committed_len)?;

@@ -34,7 +34,7 @@ pub enum Input {
 /// A source could not be opened or read.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("input {path}: {source}")]
+    #[error("input {path}")]
     Io {
         path: String,
         source: std::io::Error,

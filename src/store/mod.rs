@@ -100,7 +100,7 @@ pub enum StoreError {
     #[error("the store was built with other views than the pipeline's ({0}); use another data directory, or rebuild this one")]
     ViewsChanged(String),
     /// The disk or the files failed (retry may help once the outside problem is fixed).
-    #[error("store I/O at {path}: {source}")]
+    #[error("store I/O at {path}")]
     Io {
         path: String,
         source: std::io::Error,
