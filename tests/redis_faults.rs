@@ -460,8 +460,23 @@ fn a_second_writer_takes_over_and_the_first_stops_saying_why() {
     wait_for("the first writer's commit", Duration::from_secs(30), || {
         committed_offset(port, &input) == len
     });
+    // A second process with another data directory cannot resume these commits:
+    // it says so and leaves the first writer alone.
+    let out = tally()
+        .args(["run", &p(&input), "--until-eof", "--data-dir"])
+        .arg(tmp.path().join("b"))
+        .args(["--redis", &redis.url()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("came from another data directory"), "{err}");
+    assert_eq!(
+        redis.cli(&["HGET", "tally:{tally}:meta", "gen"]).trim(),
+        "1"
+    );
     // Another writer opens the same namespace (an operator's mistake, a second
-    // replica): it takes over.
+    // replica with the right data): it takes over.
     let mut cfg = tally::store::redis::RedisConfig::new(redis.url());
     cfg.namespace = "tally".into();
     let second = tally::store::redis::RedisStore::open(cfg).unwrap();

@@ -63,7 +63,36 @@ pub struct StagingLog {
     len: u64,
 }
 
+/// Refuses a log shorter than what the store says is committed: the store's
+/// commits came from another data directory.
+fn check_len(path: &Path, actual: u64, committed_len: u64) -> io::Result<()> {
+    if actual < committed_len {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} is shorter ({actual} bytes) than the store's committed length \
+                 ({committed_len}): the store's commits came from another data directory; \
+                 run with that one, or commit to a new store (another --redis-namespace)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl StagingLog {
+    /// Checks, without changing anything, that `data_dir` holds a log at least
+    /// `committed_len` long (before a writer takes over a store it cannot resume).
+    pub fn check(data_dir: &Path, committed_len: u64) -> io::Result<()> {
+        let path = data_dir.join("staging").join("log.bin");
+        let actual = match std::fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        check_len(&path, actual, committed_len)
+    }
+
     /// Opens the log, cutting it to `committed_len` (what the store says is committed).
     pub fn open(data_dir: &Path, committed_len: u64) -> io::Result<StagingLog> {
         let dir = data_dir.join("staging");
@@ -75,18 +104,7 @@ impl StagingLog {
             .read(true)
             .write(true)
             .open(&path)?;
-        let actual = file.metadata()?.len();
-        if actual < committed_len {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "{} is shorter ({actual} bytes) than the store's committed length \
-                     ({committed_len}): the store's commits came from another data directory; \
-                     run with that one, or commit to a new store (another --redis-namespace)",
-                    path.display()
-                ),
-            ));
-        }
+        check_len(&path, file.metadata()?.len(), committed_len)?;
         file.set_len(committed_len)?;
         file.seek(SeekFrom::Start(committed_len))?;
         Ok(StagingLog {

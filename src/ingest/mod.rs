@@ -120,6 +120,16 @@ pub fn run(
     cfg: RunConfig,
     observe: impl FnMut(&EpochReport) + Send + 'static,
 ) -> Result<RunSummary, RunError> {
+    // A shared store (Redis) is checked against this data directory before this
+    // process takes it over: a mismatch must not stop the writer already there.
+    if let StoreConfig::Redis(_) = &cfg.store {
+        let committed = cfg.store.open_reader(&cfg.data_dir)?.meta().staging_len;
+        StagingLog::check(&cfg.data_dir, committed).map_err(|source| RunError::Io {
+            what: "staging log",
+            path: cfg.data_dir.join("staging").display().to_string(),
+            source,
+        })?;
+    }
     let mut store = cfg.store.open(&cfg.data_dir)?;
     store.bind_views(&cfg.pipeline.views)?;
     metrics::gauge!(crate::metrics::STORE_UP).set(1.0);

@@ -597,38 +597,47 @@ impl RedisStore {
     /// applied on a Cluster.
     pub fn open(cfg: RedisConfig) -> Result<RedisStore, StoreError> {
         let mut s = RedisStore::connect(cfg)?;
+        s.retrying(RedisStore::take_over)?;
+        Ok(s)
+    }
+
+    /// Opens without taking over: for readers (export, queries) and for checks
+    /// before a takeover. Retries like [`RedisStore::open`].
+    pub fn open_reader(cfg: RedisConfig) -> Result<RedisStore, StoreError> {
+        let mut s = RedisStore::connect(cfg)?;
+        s.meta = s.retrying(|s| s.read_meta())?.1;
+        Ok(s)
+    }
+
+    /// Runs `op` until Redis answers, with backoff, up to `start_timeout`.
+    fn retrying<T>(
+        &mut self,
+        mut op: impl FnMut(&mut RedisStore) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let started = Instant::now();
         let mut pause = Duration::from_millis(100);
         loop {
-            match s.take_over() {
-                Ok(()) => return Ok(s),
-                Err(StoreError::Unavailable(why)) if started.elapsed() < s.cfg.start_timeout => {
+            match op(self) {
+                Err(StoreError::Unavailable(why)) if started.elapsed() < self.cfg.start_timeout => {
                     tracing::warn!(
-                        store = %s.cfg.describe(),
+                        store = %self.cfg.describe(),
                         error = %why,
                         retry_in_ms = pause.as_millis() as u64,
                         "Redis unreachable; retrying"
                     );
                     std::thread::sleep(pause);
-                    pause = (pause * 2).min(s.cfg.backoff_max);
+                    pause = (pause * 2).min(self.cfg.backoff_max);
                 }
                 Err(StoreError::Unavailable(why)) => {
                     return Err(StoreError::Unavailable(format!(
                         "{} still unreachable after {:?}: {why}",
-                        s.cfg.describe(),
-                        s.cfg.start_timeout
+                        self.cfg.describe(),
+                        self.cfg.start_timeout
                     )))
                 }
-                Err(e) => return Err(e),
+                other => return other,
             }
         }
-    }
-
-    /// Opens without taking over: for readers (export, queries).
-    pub fn open_reader(cfg: RedisConfig) -> Result<RedisStore, StoreError> {
-        let mut s = RedisStore::connect(cfg)?;
-        s.meta = s.read_meta()?.1;
-        Ok(s)
     }
 
     fn connect(cfg: RedisConfig) -> Result<RedisStore, StoreError> {
