@@ -1,4 +1,4 @@
-//! The Redis store: one hash per window, one atomic Lua script per epoch, fenced.
+//! The Redis store: one hash per window, one atomic commit per epoch, fenced.
 //!
 //! # Key layout (also in docs/redis.md)
 //!
@@ -40,11 +40,11 @@
 //! one MULTI/EXEC transaction, fenced by WATCH on meta: every row change, the
 //! indexes, TTLs and trims, and the new meta, all or nothing (plain commands: a Lua
 //! script spent two thirds of its time turning arguments into Lua strings). On a
-//! Cluster a transaction or script can only touch one slot, so
-//! an epoch is applied in three steps, each an atomic Lua script: the whole commit is
-//! written to `intent` (fenced on meta), then each provider's changes (fenced on the provider's
-//! `fence`, skipped where already applied), then meta (fenced) with the intent
-//! deleted. A writer that stops between the steps leaves the intent, and the next
+//! Cluster a transaction or script can only touch one slot, so an epoch is applied
+//! in three steps, each an atomic Lua script ([`APPLY`]): the whole commit is
+//! written to `intent` (fenced on meta), then each provider's changes (fenced on
+//! the provider's `fence`, skipped where already applied), then meta (fenced) with
+//! the intent deleted. A writer that stops between the steps leaves the intent, and the next
 //! writer finishes it at open before anything else. Each provider therefore always
 //! sees whole epochs, which is what isolation lets it see.
 //!
