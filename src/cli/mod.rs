@@ -35,9 +35,10 @@ pub enum Command {
     ///
     /// Reads the inputs (files, directories, `-` for stdin; by default the pipeline's
     /// [[sources]]), and commits each epoch atomically to the embedded store in
-    /// --data-dir. Run it again on the same data directory and it resumes where it
-    /// stopped: nothing lost, nothing counted twice. Stops on Ctrl-C or SIGTERM after
-    /// committing what it has read, or by itself with --until-eof.
+    /// --data-dir, or to Redis with --redis. Run it again on the same data directory
+    /// and it resumes where it stopped: nothing lost, nothing counted twice. Stops on
+    /// Ctrl-C or SIGTERM after committing what it has read (within
+    /// --shutdown-timeout), or by itself with --until-eof.
     Run(RunArgs),
     /// Print every row of every view from a store, as sorted JSON Lines (see README).
     Export {
