@@ -46,6 +46,9 @@ pub const EVENT_TIME: &str = "tally_event_time_seconds";
 pub const FRESHNESS: &str = "tally_freshness_seconds";
 /// Bytes of a file input not yet committed, label `source` (gauge).
 pub const SOURCE_LAG_BYTES: &str = "tally_source_lag_bytes";
+/// Entries held in the dataflow's state, label `stage`: `admit` (event ids within
+/// the dedup horizon), `voids` (void-resolution slots), `rows` (open rows) (gauge).
+pub const STATE_ENTRIES: &str = "tally_state_entries";
 /// Failed store commits, label `kind`: `unavailable` (retried) or `refused` (the
 /// run stops) (counter).
 pub const STORE_ERRORS: &str = "tally_store_errors_total";
@@ -129,6 +132,10 @@ fn describe() {
         SOURCE_LAG_BYTES,
         Unit::Bytes,
         "Bytes of a file input not yet committed"
+    );
+    describe_gauge!(
+        STATE_ENTRIES,
+        "Entries held in the dataflow's state, by stage (admit, voids, rows)"
     );
     describe_counter!(
         STORE_ERRORS,

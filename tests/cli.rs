@@ -360,4 +360,13 @@ fn metrics_during_a_run_count_what_was_sent() {
     assert_eq!(common::metric(&m, &source), 0.0);
     assert!(common::metric(&m, "tally_epochs_committed_total") >= 1.0);
     assert!(m.contains("tally_commit_seconds_bucket"), "{m}");
+    // Every first copy of an id is held for the horizon (all 20,000 events are
+    // within it): the counted ones and the late ones.
+    let late = c.dead_letters.get("late").copied().unwrap_or(0);
+    assert_eq!(
+        common::metric(&m, "tally_state_entries{stage=\"admit\"}"),
+        (c.accepted + late) as f64
+    );
+    assert!(common::metric(&m, "tally_state_entries{stage=\"rows\"}") > 0.0);
+    assert!(common::metric(&m, "tally_state_entries{stage=\"voids\"}") > 0.0);
 }

@@ -30,6 +30,7 @@ pub(super) fn admit<'s>(
         keyed(|r: &Record| route(r.event.event_id.as_bytes())),
         "Admit",
         move |_epoch, mut batch: Vec<Record>, clock, out: &mut Vec<Result<Record, Out>>| {
+            let held = seen.len();
             batch.sort_unstable_by_key(|r| r.pos);
             for r in batch {
                 let fp = r.event.fingerprint();
@@ -51,6 +52,7 @@ pub(super) fn admit<'s>(
             for id in expiry.due(clock) {
                 seen.remove(&id);
             }
+            super::track_state("admit", held, seen.len());
         },
     );
     use timely::dataflow::operators::core::OkErr;

@@ -485,6 +485,7 @@ pub(super) fn rows<'s>(
         keyed(Partial::route),
         "Rows",
         move |epoch, batch: Vec<Partial>, clock, out: &mut Vec<super::Out>| {
+            let held = rows.len() + tops.len();
             let mut before: Map<RowId, Option<RowValue>> = Map::default();
             let mut touched_tops: Vec<RowId> = Vec::new();
             for p in batch {
@@ -590,6 +591,7 @@ pub(super) fn rows<'s>(
                 rows.remove(&id);
                 tops.remove(&id);
             }
+            super::track_state("rows", held, rows.len() + tops.len());
             sealed_before = sealed_before.max(clock);
         },
     )

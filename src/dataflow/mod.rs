@@ -420,3 +420,12 @@ pub fn run_epochs(
     df.finish();
     rx.into_iter().collect()
 }
+
+/// Moves the `tally_state_entries{stage}` gauge by how much a worker's map grew or
+/// shrank in one call, so the gauge sums every worker's state.
+pub(crate) fn track_state(stage: &'static str, before: usize, after: usize) {
+    if before != after {
+        metrics::gauge!(crate::metrics::STATE_ENTRIES, "stage" => stage)
+            .increment(after as f64 - before as f64);
+    }
+}

@@ -155,6 +155,7 @@ pub(super) fn voids<'s>(
         keyed(|v: &Visit| route(v.key().as_bytes())),
         "Voids",
         move |_epoch, mut batch: Vec<Visit>, clock, out: &mut Vec<Result<Counted, Out>>| {
+            let held = slots.len();
             batch.sort_unstable_by_key(Visit::order);
             for v in batch {
                 let key = id_digest(v.key());
@@ -195,6 +196,7 @@ pub(super) fn voids<'s>(
                     slots.remove(&key);
                 }
             }
+            super::track_state("voids", held, slots.len());
         },
     );
     resolved.ok_err(|x| x)
