@@ -567,3 +567,97 @@ fn a_pool_of_readers_answers_concurrent_queries_within_its_size() {
         ));
     }
 }
+
+/// With `changes_stream`, each provider's stream holds every epoch's changed rows
+/// once, in epoch order: replaying it gives that provider's rows, and nothing of
+/// another provider.
+#[test]
+fn change_streams_replay_to_each_providers_rows() {
+    let r = RedisServer::start();
+    let c = RedisCluster::start();
+    for (urls, cluster) in [(r.url(), false), (c.urls(), true)] {
+        let mut cfg = redis_cfg(urls.clone(), cluster);
+        cfg.changes_stream = Some(1000);
+        let mut s = RedisStore::open(cfg).unwrap();
+        s.bind_views(&views()).unwrap();
+        let a = row(0, "1m", T0, &["claro", "COP"], 0, sums(1, 100, 0, 0));
+        let b = row(
+            3,
+            "1d",
+            T0 - 10 * 3_600_000,
+            &["claro", "", "COP"],
+            0,
+            sums(2, 200, 0, 0),
+        );
+        let t = row(0, "1m", T0, &["tigo", "USD"], 0, sums(5, 500, 0, 0));
+        s.commit(&commit(
+            1,
+            T0,
+            vec![(a.clone(), true), (b.clone(), true), (t.clone(), true)],
+        ))
+        .unwrap();
+        let mut a2 = a.clone();
+        a2.1.sums.sales = 7;
+        s.commit(&commit(
+            2,
+            T0 + MIN,
+            vec![(a2.clone(), true), (b.clone(), false)],
+        ))
+        .unwrap();
+        let entries: Vec<(String, Vec<String>)> = if cluster {
+            let client =
+                redis::cluster::ClusterClient::new(urls.split(',').collect::<Vec<_>>()).unwrap();
+            let mut con = client.get_connection().unwrap();
+            redis::cmd("XRANGE")
+                .arg("conf:{claro}:changes")
+                .arg("-")
+                .arg("+")
+                .query(&mut con)
+                .unwrap()
+        } else {
+            let mut con = redis::Client::open(urls.as_str())
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            redis::cmd("XRANGE")
+                .arg("conf:{claro}:changes")
+                .arg("-")
+                .arg("+")
+                .query(&mut con)
+                .unwrap()
+        };
+        let epochs: Vec<&str> = entries.iter().map(|(_, f)| f[1].as_str()).collect();
+        assert_eq!(epochs, vec!["1", "2"], "cluster={cluster}");
+        // Replay: (view, size, start, field) -> value.
+        let mut state: BTreeMap<(String, String, i64, String), serde_json::Value> = BTreeMap::new();
+        for (_, f) in &entries {
+            assert_eq!(f[2], "rows");
+            let rows: Vec<serde_json::Value> = serde_json::from_str(&f[3]).unwrap();
+            for x in rows {
+                let k = (
+                    x[0].as_str().unwrap().to_owned(),
+                    x[1].as_str().unwrap().to_owned(),
+                    x[2].as_i64().unwrap(),
+                    x[3].as_str().unwrap().to_owned(),
+                );
+                assert_ne!(k.3, "USD", "tigo's row in claro's stream");
+                if x[4].is_null() {
+                    state.remove(&k);
+                } else {
+                    state.insert(k, x[4].clone());
+                }
+            }
+        }
+        let want: BTreeMap<_, _> = [(
+            (
+                "provider_window".to_owned(),
+                "1m".to_owned(),
+                T0,
+                "COP".to_owned(),
+            ),
+            serde_json::json!([7, "1.00", 0, "0.00", 3, "1.50", "999.99"]),
+        )]
+        .into();
+        assert_eq!(state, want, "cluster={cluster}");
+    }
+}

@@ -134,6 +134,10 @@ pub struct StoreArgs {
     /// The longest pause between connection retries (backoff doubles from 100ms).
     #[arg(long, default_value = "5s")]
     pub redis_backoff_max: String,
+    /// Also append each epoch's changed rows of a provider to the Redis stream
+    /// `<ns>:{<provider>}:changes`, keeping about this many entries.
+    #[arg(long)]
+    pub redis_changes_stream: Option<u64>,
 }
 
 impl StoreArgs {
@@ -157,6 +161,7 @@ impl StoreArgs {
         c.response_timeout = dur("redis-timeout", &self.redis_timeout)?;
         c.start_timeout = dur("redis-start-timeout", &self.redis_start_timeout)?;
         c.backoff_max = dur("redis-backoff-max", &self.redis_backoff_max)?;
+        c.changes_stream = self.redis_changes_stream.filter(|n| *n > 0);
         if let Some(p) = pipeline {
             c.ttl = p.retention.clone();
         }

@@ -11,6 +11,7 @@
 //! | `<ns>:{<P>}:w:<view>:<size>:<start>` | hash | one window: field = group key, value = the row |
 //! | `<ns>:{<P>}:i:<view>:<size>` | sorted set | the window starts of P's windows of that view and size (member = score = start) |
 //! | `<ns>:{<P>}:fence` | hash | `gen`, `epoch` last applied to P (Cluster only) |
+//! | `<ns>:{<P>}:changes` | stream | with `changes_stream`: per epoch, `epoch` and `rows`, P's changed rows |
 //! | `<ns>:{<ns>}:meta` | hash | `gen`, `epoch`, `meta` (JSON: clock, positions, counters, views) |
 //! | `<ns>:{<ns>}:providers` | set | every provider with rows |
 //! | `<ns>:{<ns>}:intent` | string | the epoch being applied (Cluster only) |
@@ -91,6 +92,9 @@ pub struct RedisConfig {
     pub backoff_max: Duration,
     /// Connections in a [`RedisReader`]'s pool (the writer uses one of its own).
     pub pool_size: u32,
+    /// Append each epoch's changes of a provider to the stream `<ns>:{P}:changes`,
+    /// capped at about this many entries; `None`: no streams.
+    pub changes_stream: Option<u64>,
     /// Row TTL per window size.
     pub ttl: Vec<(WindowSize, Duration)>,
 }
@@ -110,6 +114,7 @@ impl RedisConfig {
             start_timeout: Duration::from_secs(60),
             backoff_max: Duration::from_secs(5),
             pool_size: 8,
+            changes_stream: None,
             ttl: Vec::new(),
         }
     }
@@ -174,6 +179,7 @@ fn redact(url: &str) -> String {
 /// - `H k ttl_ms idx start ns nd f1 v1..f_ns v_ns d1..d_nd`: sets `ns` rows of a
 ///   window and deletes `nd`, then sets the window's TTL, or, when its last row
 ///   went, takes its start out of the index;
+/// - `A k maxlen epoch rows`: appends an epoch's changes to a provider's stream;
 /// - `S k ttl_ms n m1..mn`: adds to a set; `D k`: deletes; `P k value`: sets a string.
 const APPLY: &str = r#"
 local g = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
@@ -231,6 +237,9 @@ while i <= n do
     for j = 1, c do redis.call('SADD', k, ARGV[i + 3 + j]) end
     if ARGV[i + 2] ~= '' then redis.call('PEXPIRE', k, ARGV[i + 2]) end
     i = i + 4 + c
+  elseif op == 'A' then
+    redis.call('XADD', k, 'MAXLEN', '~', ARGV[i + 2], '*', 'epoch', ARGV[i + 3], 'rows', ARGV[i + 4])
+    i = i + 5
   elseif op == 'D' then
     redis.call('DEL', k)
     i = i + 2
@@ -817,11 +826,31 @@ impl RedisStore {
         let mut windows: Vec<WindowPlan> = Vec::new();
         let mut window_at: std::collections::HashMap<String, usize> = Default::default();
         let ttl_ms = |size: WindowSize| self.cfg.ttl(size).as_millis().min(i64::MAX as u128) as i64;
+        let mut streams: BTreeMap<String, String> = BTreeMap::new();
         for u in changes {
             let Some(view) = self.meta.views.get(u.key.view as usize) else {
                 continue;
             };
             let p = self.keys.provider(u.key.group[0].as_str());
+            if self.cfg.changes_stream.is_some() {
+                let items = streams.entry(format!("{p}changes")).or_default();
+                items.push(if items.is_empty() { '[' } else { ',' });
+                let _ = std::fmt::Write::write_fmt(
+                    items,
+                    format_args!(
+                        "[{},\"{}\",{},{},{}]",
+                        serde_json::to_string(&view.name).expect("strings serialize"),
+                        u.key.size.label(),
+                        u.key.start,
+                        serde_json::to_string(&field(view, &u.key, u.rank))
+                            .expect("strings serialize"),
+                        match &u.value {
+                            Some(v) => value(view, v),
+                            None => "null".into(),
+                        }
+                    ),
+                );
+            }
             let series = format!("{}:{}", view.name, u.key.size.label());
             let prefix = format!("{p}w:{series}:");
             let key = format!("{prefix}{}", u.key.start);
@@ -869,11 +898,22 @@ impl RedisStore {
                 },
             );
         }
-        Plan { indexes, windows }
+        let streams = streams
+            .into_iter()
+            .map(|(k, mut items)| {
+                items.push(']');
+                (k, items)
+            })
+            .collect();
+        Plan {
+            indexes,
+            windows,
+            streams,
+        }
     }
 
     /// A plan as APPLY's keys and ops.
-    fn lua_ops(plan: Plan, keys: &mut Vec<String>, ops: &mut Vec<Arg>) {
+    fn lua_ops(&self, epoch: u64, plan: Plan, keys: &mut Vec<String>, ops: &mut Vec<Arg>) {
         // KEYS index (1 is the fence) of each index key.
         let first = keys.len() + 2;
         let index_slot: Vec<usize> = (0..plan.indexes.len()).map(|i| first + i).collect();
@@ -908,6 +948,14 @@ impl RedisStore {
             }
             ops.extend(del.into_iter().map(|(f, _)| Arg::S(f)));
         }
+        for (k, payload) in plan.streams {
+            keys.push(k);
+            ops.push(Arg::S("A".into()));
+            ops.push(Arg::I(keys.len() as i64 + 1));
+            ops.push(Arg::I(self.cfg.changes_stream.unwrap_or(0) as i64));
+            ops.push(Arg::I(epoch as i64));
+            ops.push(Arg::S(payload));
+        }
     }
 
     fn meta_after(&self, c: &Commit) -> Result<Meta, StoreError> {
@@ -927,6 +975,7 @@ impl RedisStore {
         let providers = providers_of(&changes);
         let meta_key = self.keys.meta();
         let providers_key = self.keys.providers();
+        let stream_len = self.cfg.changes_stream.unwrap_or(0);
         let (gen, epoch) = (self.gen, c.epoch);
         let r = self.with(|con| {
             redis::cmd("WATCH").arg(&meta_key).exec(con)?;
@@ -1001,6 +1050,19 @@ impl RedisStore {
                     tx.ignore();
                 }
                 tx.cmd("PEXPIRE").arg(&w.key).arg(w.ttl_ms).ignore();
+            }
+            for (k, rows) in &plan.streams {
+                tx.cmd("XADD")
+                    .arg(k)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(stream_len)
+                    .arg("*")
+                    .arg("epoch")
+                    .arg(epoch)
+                    .arg("rows")
+                    .arg(rows)
+                    .ignore();
             }
             if !providers.is_empty() {
                 tx.cmd("SADD").arg(&providers_key).arg(&providers).ignore();
@@ -1116,7 +1178,7 @@ impl RedisStore {
         for (p, changes) in &groups {
             let mut keys = Vec::new();
             let mut ops = Vec::new();
-            RedisStore::lua_ops(self.plan(c, changes), &mut keys, &mut ops);
+            self.lua_ops(c.epoch, self.plan(c, changes), &mut keys, &mut ops);
             let fence = format!("{}fence", self.keys.provider(p));
             self.apply(&fence, "redo", c.epoch, "", &keys, &ops)?;
         }
@@ -1400,6 +1462,8 @@ pub struct WindowQuery<'a> {
 struct Plan {
     indexes: Vec<IndexPlan>,
     windows: Vec<WindowPlan>,
+    /// Change-stream key and the epoch's changes there, as a JSON array.
+    streams: Vec<(String, String)>,
 }
 
 struct IndexPlan {
