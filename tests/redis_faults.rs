@@ -186,11 +186,7 @@ fn redis_stopped_twice_mid_run_pauses_commits_then_catches_up_exactly() {
     );
     let expected = reference(&full, tmp.path());
     let bytes = std::fs::read(&full).unwrap();
-    let lines: Vec<&[u8]> = bytes
-        .strip_suffix(b"\n")
-        .unwrap()
-        .split(|b| *b == b'\n')
-        .collect();
+    let lines = lines_of(&bytes);
     let chunks: Vec<&[&[u8]]> = lines.chunks(lines.len() / 6 + 1).collect();
 
     let mut redis = RedisServer::start();
@@ -293,8 +289,8 @@ fn redis_unreachable_at_start_is_retried_and_reported() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(1000));
     let redis = RedisServer::start_on(port, &[]);
-    let status = wait_child(child, Duration::from_secs(60));
-    assert!(status.success());
+    let out = exit_within(child, Duration::from_secs(60), "tally waiting for Redis");
+    assert!(out.status.success());
     assert!(export_redis(&redis.url(), false) == expected);
     // A namespace nobody wrote: said, not an empty export.
     let out = tally()
@@ -306,18 +302,26 @@ fn redis_unreachable_at_start_is_retried_and_reported() {
     assert!(err.contains("(namespace nobody) holds no commits"), "{err}");
 }
 
-fn wait_child(mut child: Child, limit: Duration) -> std::process::ExitStatus {
+/// The child's output once it exits; panics (killing it) if it runs past `limit`.
+fn exit_within(mut child: Child, limit: Duration, what: &str) -> std::process::Output {
     let start = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
+    while child.try_wait().unwrap().is_none() {
         if start.elapsed() > limit {
             let _ = child.kill();
-            panic!("tally did not finish within {limit:?}");
+            panic!("{what}: still running after {limit:?}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    child.wait_with_output().unwrap()
+}
+
+/// The lines of a JSON Lines file's bytes (some bad records are not UTF-8).
+fn lines_of(bytes: &[u8]) -> Vec<&[u8]> {
+    bytes
+        .strip_suffix(b"\n")
+        .unwrap_or(bytes)
+        .split(|b| *b == b'\n')
+        .collect()
 }
 
 #[test]
@@ -495,18 +499,7 @@ fn a_second_writer_takes_over_and_the_first_stops_saying_why() {
     );
     let more = std::fs::read_to_string(tmp.path().join("more.jsonl")).unwrap();
     append(&input, &more.lines().map(str::as_bytes).collect::<Vec<_>>());
-    let out = {
-        let start = Instant::now();
-        let mut first = first;
-        while first.try_wait().unwrap().is_none() {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "first writer still running"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        first.wait_with_output().unwrap()
-    };
+    let out = exit_within(first, Duration::from_secs(30), "the first writer");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(
@@ -522,11 +515,7 @@ fn redis_that_lost_commits_stops_the_writer_and_a_restart_rebuilds_exactly() {
     gen_to(&full, &["--events", "30000", "--seed", "28"]);
     let expected = reference(&full, tmp.path());
     let bytes = std::fs::read(&full).unwrap();
-    let lines: Vec<&[u8]> = bytes
-        .strip_suffix(b"\n")
-        .unwrap()
-        .split(|b| *b == b'\n')
-        .collect();
+    let lines = lines_of(&bytes);
     let (first, rest) = lines.split_at(lines.len() / 2);
     // No persistence at all: a restart loses everything committed.
     let mut redis = RedisServer::start_with(&["--appendonly", "no"]);
@@ -549,18 +538,11 @@ fn redis_that_lost_commits_stops_the_writer_and_a_restart_rebuilds_exactly() {
     redis.start_again();
     assert_eq!(committed_epoch(port), 0, "the restarted Redis is empty");
     append(&input, rest);
-    let out = {
-        let start = Instant::now();
-        let mut child = child;
-        while child.try_wait().unwrap().is_none() {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "the writer went on"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        child.wait_with_output().unwrap()
-    };
+    let out = exit_within(
+        child,
+        Duration::from_secs(30),
+        "the writer facing lost commits",
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.contains("lost writes"), "{err}");
@@ -586,18 +568,14 @@ fn sigterm_during_an_outage_exits_at_the_deadline_and_loses_nothing() {
     gen_to(&full, &["--events", "20000", "--seed", "29"]);
     let expected = reference(&full, tmp.path());
     let bytes = std::fs::read(&full).unwrap();
-    let lines: Vec<&[u8]> = bytes
-        .strip_suffix(b"\n")
-        .unwrap()
-        .split(|b| *b == b'\n')
-        .collect();
+    let lines = lines_of(&bytes);
     let (first, rest) = lines.split_at(lines.len() / 2);
     let mut redis = RedisServer::start();
     let port = redis.port;
     let input = tmp.path().join("growing.jsonl");
     let data = tmp.path().join("d");
     append(&input, first);
-    let mut child = tally()
+    let child = tally()
         .args(["run", &p(&input), "--follow", "--data-dir", &p(&data)])
         .args(["--redis", &redis.url(), "--shutdown-timeout", "1s"])
         .stdout(Stdio::null())
@@ -614,15 +592,11 @@ fn sigterm_during_an_outage_exits_at_the_deadline_and_loses_nothing() {
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "still waiting for Redis past its deadline"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = exit_within(
+        child,
+        Duration::from_secs(10),
+        "tally past its shutdown deadline",
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.contains("shutdown deadline of 1s passed"), "{err}");
