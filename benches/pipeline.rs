@@ -6,11 +6,13 @@
 //! - `decode --events N`: decoding alone, one thread.
 //! - `rss --events N [--customers C] [--workers W]`: a generated stream straight into
 //!   the pipeline, sampling RSS every million records, with the event time reached.
-//! - `store --events N --workers W [--runs R] [--redis]`: like `throughput`, with the
-//!   per-epoch commit latency (close to commit, and inside the store alone), on the
-//!   embedded store or (with `--redis`) on a `redis-server` this harness starts on a
-//!   free loopback port (AOF on, `appendfsync everysec`); then Redis memory per row,
-//!   by view (`MEMORY USAGE` of every series key).
+//! - `store --events N --workers W [--runs R] [--redis [--changes-stream]]`: like
+//!   `throughput`, with the per-epoch commit latency (close to commit, and inside
+//!   the store alone), on the embedded store or (with `--redis`) on a
+//!   `redis-server` this harness starts on a free loopback port (AOF on,
+//!   `appendfsync everysec`), with `--changes-stream` also appending every epoch's
+//!   changes to the providers' streams; then Redis memory per row, by view
+//!   (`MEMORY USAGE` of the window and index keys).
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -189,8 +191,13 @@ fn main() {
             let redis = use_redis.then(Redis::start);
             for run_ix in 0..runs {
                 let ns = format!("bench{run_ix}");
+                let streams = args.iter().any(|a| a == "--changes-stream");
                 let store = match &redis {
-                    Some(r) => StoreConfig::Redis(Box::new(r.config(&ns))),
+                    Some(r) => {
+                        let mut c = r.config(&ns);
+                        c.changes_stream = streams.then_some(10_000);
+                        StoreConfig::Redis(Box::new(c))
+                    }
                     None => StoreConfig::Embedded,
                 };
                 let lat = Arc::new(Mutex::new((Vec::new(), Vec::new())));
