@@ -16,7 +16,9 @@
 //! and reading resumes at the committed positions.
 //!
 //! Backpressure. At most [`IN_FLIGHT`] epochs may be closed but not committed; the
-//! loop blocks after that, and bounded channels block the readers in turn.
+//! loop blocks after that, and bounded channels block the readers in turn. While the
+//! store is unavailable (Redis down), the committer retries the same epoch with
+//! backoff, so the same limit stops reading until it is back.
 //!
 //! Shutdown (`stop` set, or all input read with `until_eof`): stop reading, close the
 //! open epoch, wait for the workers to finish and the committer to commit everything.
