@@ -322,10 +322,16 @@ fn metrics_during_a_run_count_what_was_sent() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    // The source's lag is the last thing a commit's metrics update: once it is 0
+    // with every record counted, the last epoch's metrics are all in.
+    let source = format!("tally_source_lag_bytes{{source=\"{}\"}}", input.display());
     common::wait_for("every record counted", Duration::from_secs(60), || {
-        std::net::TcpStream::connect(&addr).is_ok()
-            && common::find_metric(&common::scrape(&addr), "tally_records_total")
-                == Some(lines as f64)
+        if std::net::TcpStream::connect(&addr).is_err() {
+            return false;
+        }
+        let m = common::scrape(&addr);
+        common::find_metric(&m, "tally_records_total") == Some(lines as f64)
+            && common::find_metric(&m, &source) == Some(0.0)
     });
     let m = common::scrape(&addr);
     let _ = std::process::Command::new("kill")
@@ -356,7 +362,6 @@ fn metrics_during_a_run_count_what_was_sent() {
     assert_eq!(c.dead_letter_total(), dead_lines as u64);
     assert_eq!(common::metric(&m, "tally_store_up"), 1.0);
     assert_eq!(common::metric(&m, "tally_epochs_pending"), 0.0);
-    let source = format!("tally_source_lag_bytes{{source=\"{}\"}}", input.display());
     assert_eq!(common::metric(&m, &source), 0.0);
     assert!(common::metric(&m, "tally_epochs_committed_total") >= 1.0);
     assert!(m.contains("tally_commit_seconds_bucket"), "{m}");

@@ -712,7 +712,8 @@ fn record(r: &EpochReport) {
         metrics::gauge!(m::FRESHNESS).set(now.saturating_sub(r.clock) as f64 / 1000.0);
     }
     // Bytes not yet committed, for inputs that are files (stdin and generated input
-    // have no size).
+    // have no size). Kept last: a scraper that sees a file's lag reach 0 sees every
+    // metric of the epoch that read its end.
     for (name, offset) in &r.positions {
         if let Ok(md) = std::fs::metadata(name) {
             if md.is_file() {
