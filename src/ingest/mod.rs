@@ -680,7 +680,15 @@ fn commit_with_retry(
                 } else {
                     tracing::debug!(epoch = commit.epoch, error = %e, "store still unavailable");
                 }
-                std::thread::sleep(pause);
+                // The lag gauge keeps moving while the commit waits.
+                let until = Instant::now() + pause;
+                while Instant::now() < until {
+                    std::thread::sleep(
+                        Duration::from_millis(100)
+                            .min(until.saturating_duration_since(Instant::now())),
+                    );
+                    metrics::gauge!(m::COMMIT_LAG).set(closed_at.elapsed().as_secs_f64());
+                }
                 pause = (pause * 2).min(Duration::from_secs(5));
             }
             Err(e) => {
