@@ -109,27 +109,34 @@ fn kill_repeatedly(
     kills
 }
 
-#[test]
-fn kill_9_at_twenty_random_moments_gives_the_uninterrupted_export() {
+/// Kills `rounds` runs against `urls` (at least `min_kills` mid-run), lets one
+/// finish, and checks the export and dead letters against an uninterrupted
+/// embedded run of the same generated stream.
+fn kills_give_the_uninterrupted_export(
+    events: &str,
+    seed: &str,
+    urls: &str,
+    cluster: bool,
+    (rounds, min_kills): (usize, usize),
+    progress: &dyn Fn() -> u64,
+) {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("events.jsonl");
     gen_to(
         &input,
-        &["--events", "400000", "--seed", "21", "--bad-rate", "0.003"],
+        &["--events", events, "--seed", seed, "--bad-rate", "0.003"],
     );
     let expected = reference(&input, tmp.path());
-    let redis = RedisServer::start();
     let data = tmp.path().join("redis-run");
-    let port = redis.port;
-    let kills = kill_repeatedly(&input, &data, &redis.url(), false, 20, &|| {
-        committed_epoch(port)
-    });
-    assert!(kills >= 15, "only {kills} of 20 runs were killed mid-run");
-    let got = export_redis(&redis.url(), false);
+    let kills = kill_repeatedly(&input, &data, urls, cluster, rounds, progress);
+    assert!(
+        kills >= min_kills,
+        "only {kills} of {rounds} runs were killed mid-run"
+    );
     assert!(expected.lines().count() > 10_000);
     assert!(
-        got == expected,
-        "export after {kills} kills differs from the uninterrupted run"
+        export_redis(urls, cluster) == expected,
+        "export after {kills} kills differs from the uninterrupted run (cluster={cluster})"
     );
     assert_eq!(
         dead_letters_by_line(&data, &input),
@@ -139,28 +146,24 @@ fn kill_9_at_twenty_random_moments_gives_the_uninterrupted_export() {
 }
 
 #[test]
+fn kill_9_at_twenty_random_moments_gives_the_uninterrupted_export() {
+    let redis = RedisServer::start();
+    let port = redis.port;
+    kills_give_the_uninterrupted_export("400000", "21", &redis.url(), false, (20, 15), &|| {
+        committed_epoch(port)
+    });
+}
+
+#[test]
 fn kill_9_on_a_cluster_gives_the_uninterrupted_export() {
-    let tmp = tempfile::tempdir().unwrap();
-    let input = tmp.path().join("events.jsonl");
-    gen_to(
-        &input,
-        &["--events", "150000", "--seed", "22", "--bad-rate", "0.003"],
-    );
-    let expected = reference(&input, tmp.path());
     let cluster = RedisCluster::start();
-    let data = tmp.path().join("cluster-run");
-    let kills = kill_repeatedly(&input, &data, &cluster.urls(), true, 5, &|| {
+    kills_give_the_uninterrupted_export("150000", "22", &cluster.urls(), true, (5, 3), &|| {
         cluster
             .cli(&["HGET", "tally:{tally}:meta", "epoch"])
             .trim()
             .parse()
             .unwrap_or(0)
     });
-    assert!(kills >= 3, "only {kills} of 5 runs were killed mid-run");
-    assert!(
-        export_redis(&cluster.urls(), true) == expected,
-        "cluster export after {kills} kills differs from the uninterrupted run"
-    );
 }
 
 /// Appends lines (raw bytes: some bad records are not UTF-8) to `input`.
@@ -508,36 +511,105 @@ fn a_second_writer_takes_over_and_the_first_stops_saying_why() {
     );
 }
 
-#[test]
-fn redis_that_lost_commits_stops_the_writer_and_a_restart_rebuilds_exactly() {
+/// A follow-mode run that has committed the first half of a generated stream,
+/// with the second half still to append.
+struct HalfWay {
+    tmp: tempfile::TempDir,
+    /// The whole stream, and the uninterrupted embedded run's export of it.
+    full: std::path::PathBuf,
+    expected: String,
+    /// The file the run follows, and its data directory.
+    input: std::path::PathBuf,
+    data: std::path::PathBuf,
+    rest: Vec<Vec<u8>>,
+    redis: RedisServer,
+    /// The follow-mode run (taken when a test waits for its exit).
+    child: Option<Child>,
+}
+
+/// Starts Redis (with `redis_args`) and `tally run --follow` (with `tally_args`) on
+/// the first half of `events` generated events, and waits until it is committed.
+fn half_way(events: &str, seed: &str, redis_args: &[&str], tally_args: &[&str]) -> HalfWay {
     let tmp = tempfile::tempdir().unwrap();
     let full = tmp.path().join("full.jsonl");
-    gen_to(&full, &["--events", "30000", "--seed", "28"]);
+    gen_to(&full, &["--events", events, "--seed", seed]);
     let expected = reference(&full, tmp.path());
     let bytes = std::fs::read(&full).unwrap();
     let lines = lines_of(&bytes);
     let (first, rest) = lines.split_at(lines.len() / 2);
-    // No persistence at all: a restart loses everything committed.
-    let mut redis = RedisServer::start_with(&["--appendonly", "no"]);
-    let port = redis.port;
+    let redis = RedisServer::start_with(redis_args);
     let input = tmp.path().join("growing.jsonl");
     let data = tmp.path().join("d");
     append(&input, first);
     let child = tally()
         .args(["run", &p(&input), "--follow", "--data-dir", &p(&data)])
         .args(["--redis", &redis.url()])
+        .args(tally_args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let len = std::fs::metadata(&input).unwrap().len();
     wait_for("the first half committed", Duration::from_secs(30), || {
-        committed_offset(port, &input) == len
+        committed_offset(redis.port, &input) == len
     });
-    redis.stop(true);
-    redis.start_again();
-    assert_eq!(committed_epoch(port), 0, "the restarted Redis is empty");
-    append(&input, rest);
+    let rest = rest.iter().map(|l| l.to_vec()).collect();
+    HalfWay {
+        tmp,
+        full,
+        expected,
+        input,
+        data,
+        rest,
+        redis,
+        child: Some(child),
+    }
+}
+
+impl HalfWay {
+    fn append_rest(&self) {
+        append(
+            &self.input,
+            &self.rest.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+        );
+    }
+
+    /// A new run to the end of the input: its export and dead letters must be the
+    /// uninterrupted run's.
+    fn restart_and_check(&self) {
+        let status = tally()
+            .args([
+                "run",
+                &p(&self.input),
+                "--until-eof",
+                "--data-dir",
+                &p(&self.data),
+            ])
+            .args(["--redis", &self.redis.url()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert!(export_redis(&self.redis.url(), false) == self.expected);
+        assert_eq!(
+            dead_letters_by_line(&self.data, &self.input),
+            dead_letters_by_line(&self.tmp.path().join("ref"), &self.full)
+        );
+    }
+}
+
+#[test]
+fn redis_that_lost_commits_stops_the_writer_and_a_restart_rebuilds_exactly() {
+    // No persistence at all: a restart loses everything committed.
+    let mut h = half_way("30000", "28", &["--appendonly", "no"], &[]);
+    h.redis.stop(true);
+    h.redis.start_again();
+    assert_eq!(
+        committed_epoch(h.redis.port),
+        0,
+        "the restarted Redis is empty"
+    );
+    h.append_rest();
+    let child = h.child.take().expect("running");
     let out = exit_within(
         child,
         Duration::from_secs(30),
@@ -548,50 +620,22 @@ fn redis_that_lost_commits_stops_the_writer_and_a_restart_rebuilds_exactly() {
     assert!(err.contains("lost writes"), "{err}");
     // The restart finds epoch 0 in Redis: it cuts the staging log and the dead
     // letters back to nothing and reads everything again, counting it once.
-    let status = tally()
-        .args(["run", &p(&input), "--until-eof", "--data-dir", &p(&data)])
-        .args(["--redis", &redis.url()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert!(export_redis(&redis.url(), false) == expected);
-    assert_eq!(
-        dead_letters_by_line(&data, &input),
-        dead_letters_by_line(&tmp.path().join("ref"), &full)
-    );
+    h.restart_and_check();
 }
 
 #[test]
 fn sigterm_during_an_outage_exits_at_the_deadline_and_loses_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
-    let full = tmp.path().join("full.jsonl");
-    gen_to(&full, &["--events", "20000", "--seed", "29"]);
-    let expected = reference(&full, tmp.path());
-    let bytes = std::fs::read(&full).unwrap();
-    let lines = lines_of(&bytes);
-    let (first, rest) = lines.split_at(lines.len() / 2);
-    let mut redis = RedisServer::start();
-    let port = redis.port;
-    let input = tmp.path().join("growing.jsonl");
-    let data = tmp.path().join("d");
-    append(&input, first);
-    let child = tally()
-        .args(["run", &p(&input), "--follow", "--data-dir", &p(&data)])
-        .args(["--redis", &redis.url(), "--shutdown-timeout", "1s"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let len = std::fs::metadata(&input).unwrap().len();
-    wait_for("the first half committed", Duration::from_secs(30), || {
-        committed_offset(port, &input) == len
-    });
-    redis.stop(false);
-    append(&input, rest);
+    let mut h = half_way("20000", "29", &[], &["--shutdown-timeout", "1s"]);
+    h.redis.stop(false);
+    h.append_rest();
     std::thread::sleep(Duration::from_millis(800));
     let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([
+            "-TERM",
+            &h.child.as_ref().expect("running").id().to_string(),
+        ])
         .status();
+    let child = h.child.take().expect("running");
     let out = exit_within(
         child,
         Duration::from_secs(10),
@@ -600,12 +644,6 @@ fn sigterm_during_an_outage_exits_at_the_deadline_and_loses_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.contains("shutdown deadline of 1s passed"), "{err}");
-    redis.start_again();
-    let status = tally()
-        .args(["run", &p(&input), "--until-eof", "--data-dir", &p(&data)])
-        .args(["--redis", &redis.url()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert!(export_redis(&redis.url(), false) == expected);
+    h.redis.start_again();
+    h.restart_and_check();
 }

@@ -16,6 +16,8 @@ use tally::store::{Commit, Counters, Store, StoreConfig, StoreError, StoredRow};
 const MIN: i64 = 60_000;
 /// 2026-11-22T10:00:00Z
 const T0: i64 = 1_795_341_600_000;
+/// The UTC day holding T0.
+const DAY0: i64 = T0 - 10 * 3_600_000;
 
 fn views() -> Vec<View> {
     Pipeline::parse("sales.toml", DEFAULT_PIPELINE)
@@ -119,35 +121,14 @@ fn conformance(open: &dyn Fn() -> Box<dyn Store>) {
     let b = row(
         2,
         "1d",
-        T0 - 10 * 3_600_000,
+        DAY0,
         &["claro", "c:1|ñ {x}", "COP"],
         0,
         sums(1, 500, 0, 0),
     );
-    let c = row(
-        3,
-        "1d",
-        T0 - 10 * 3_600_000,
-        &["tigo", "", "USD"],
-        0,
-        sums(0, 0, 2, 7_05),
-    );
-    let t1 = row(
-        4,
-        "1d",
-        T0 - 10 * 3_600_000,
-        &["tigo", "USD"],
-        1,
-        sums(9, 900, 0, 0),
-    );
-    let t2 = row(
-        4,
-        "1d",
-        T0 - 10 * 3_600_000,
-        &["tigo", "USD"],
-        2,
-        sums(1, 100, 0, 0),
-    );
+    let c = row(3, "1d", DAY0, &["tigo", "", "USD"], 0, sums(0, 0, 2, 7_05));
+    let t1 = row(4, "1d", DAY0, &["tigo", "USD"], 1, sums(9, 900, 0, 0));
+    let t2 = row(4, "1d", DAY0, &["tigo", "USD"], 2, sums(1, 100, 0, 0));
     let a_next = row(0, "1m", T0 + MIN, &["claro", "COP"], 0, sums(1, 1, 0, 0));
 
     let mut s = open();
@@ -311,13 +292,12 @@ fn one_round_trip_answers_a_range_of_windows_and_windows_carry_ttls() {
         row(0, "1m", T0 + MIN, &["claro", "USD"], 0, sums(50, 100, 0, 0)),
         true,
     ));
-    let day = T0 - 10 * 3_600_000;
     rows.push((
-        row(4, "1d", day, &["claro", "COP"], 1, sums(9, 900, 0, 0)),
+        row(4, "1d", DAY0, &["claro", "COP"], 1, sums(9, 900, 0, 0)),
         true,
     ));
     rows.push((
-        row(4, "1d", day, &["claro", "COP"], 2, sums(1, 100, 0, 0)),
+        row(4, "1d", DAY0, &["claro", "COP"], 2, sums(1, 100, 0, 0)),
         true,
     ));
     s.commit(&commit(1, T0 + 5 * MIN, rows)).unwrap();
@@ -348,7 +328,13 @@ fn one_round_trip_answers_a_range_of_windows_and_windows_carry_ttls() {
     );
     assert_eq!(got[0].2.min_ticket, Some(150));
     let top = s
-        .windows(&q("claro", "top_products", WindowSize::LocalDay, day, day))
+        .windows(&q(
+            "claro",
+            "top_products",
+            WindowSize::LocalDay,
+            DAY0,
+            DAY0,
+        ))
         .unwrap();
     assert_eq!(
         top.iter()
@@ -371,7 +357,7 @@ fn one_round_trip_answers_a_range_of_windows_and_windows_carry_ttls() {
         r.cli(&["HGET", &key, "USD"]).trim(),
         r#"[50,"1.00",0,"0.00",3,"1.50","999.99"]"#
     );
-    let top_key = format!("conf:{{claro}}:w:top_products:1d:{day}");
+    let top_key = format!("conf:{{claro}}:w:top_products:1d:{DAY0}");
     assert_eq!(
         r.cli(&["HGET", &top_key, "COP|1"]).trim(),
         r#"[9,"9.00",0,"0.00",null,null,null,"prod:1 ñ"]"#
@@ -401,14 +387,7 @@ fn windows_past_retention_are_trimmed_from_the_series_a_commit_touches() {
     let mut s = RedisStore::open(cfg).unwrap();
     s.bind_views(&views()).unwrap();
     let old = row(0, "1m", T0, &["claro", "COP"], 0, sums(1, 100, 0, 0));
-    let day = row(
-        0,
-        "1d",
-        T0 - 10 * 3_600_000,
-        &["claro", "COP"],
-        0,
-        sums(1, 100, 0, 0),
-    );
+    let day = row(0, "1d", DAY0, &["claro", "COP"], 0, sums(1, 100, 0, 0));
     s.commit(&commit(
         1,
         T0,
@@ -581,14 +560,7 @@ fn change_streams_replay_to_each_providers_rows() {
         let mut s = RedisStore::open(cfg).unwrap();
         s.bind_views(&views()).unwrap();
         let a = row(0, "1m", T0, &["claro", "COP"], 0, sums(1, 100, 0, 0));
-        let b = row(
-            3,
-            "1d",
-            T0 - 10 * 3_600_000,
-            &["claro", "", "COP"],
-            0,
-            sums(2, 200, 0, 0),
-        );
+        let b = row(3, "1d", DAY0, &["claro", "", "COP"], 0, sums(2, 200, 0, 0));
         let t = row(0, "1m", T0, &["tigo", "USD"], 0, sums(5, 500, 0, 0));
         s.commit(&commit(
             1,

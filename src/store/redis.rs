@@ -826,37 +826,39 @@ impl RedisStore {
         let mut windows: Vec<WindowPlan> = Vec::new();
         let mut window_at: std::collections::HashMap<String, usize> = Default::default();
         let ttl_ms = |size: WindowSize| self.cfg.ttl(size).as_millis().min(i64::MAX as u128) as i64;
-        let mut streams: BTreeMap<String, String> = BTreeMap::new();
+        // Per provider, the epoch's changes as JSON items (with change streams on).
+        let mut streams: BTreeMap<&str, String> = BTreeMap::new();
         for u in changes {
             let Some(view) = self.meta.views.get(u.key.view as usize) else {
                 continue;
             };
-            let p = self.keys.provider(u.key.group[0].as_str());
+            let provider = u.key.group[0].as_str();
+            let size = u.key.size.label();
+            let key = format!(
+                "{}:{{{provider}}}:w:{}:{size}:{}",
+                self.keys.ns, view.name, u.key.start
+            );
+            let f = field(view, &u.key, u.rank);
+            let v = u.value.as_ref().map(|v| value(view, v));
             if self.cfg.changes_stream.is_some() {
-                let items = streams.entry(format!("{p}changes")).or_default();
+                let items = streams.entry(provider).or_default();
                 items.push(if items.is_empty() { '[' } else { ',' });
                 let _ = std::fmt::Write::write_fmt(
                     items,
                     format_args!(
-                        "[{},\"{}\",{},{},{}]",
+                        "[{},\"{size}\",{},{},{}]",
                         serde_json::to_string(&view.name).expect("strings serialize"),
-                        u.key.size.label(),
                         u.key.start,
-                        serde_json::to_string(&field(view, &u.key, u.rank))
-                            .expect("strings serialize"),
-                        match &u.value {
-                            Some(v) => value(view, v),
-                            None => "null".into(),
-                        }
+                        serde_json::to_string(&f).expect("strings serialize"),
+                        v.as_deref().unwrap_or("null"),
                     ),
                 );
             }
-            let series = format!("{}:{}", view.name, u.key.size.label());
-            let prefix = format!("{p}w:{series}:");
-            let key = format!("{prefix}{}", u.key.start);
             let w = match window_at.get(&key) {
                 Some(w) => *w,
                 None => {
+                    let p = self.keys.provider(provider);
+                    let series = format!("{}:{size}", view.name);
                     let index_key = format!("{p}i:{series}");
                     let i = *index_at.entry(index_key.clone()).or_insert_with(|| {
                         let size = u.key.size;
@@ -870,7 +872,7 @@ impl RedisStore {
                             .flatten();
                         indexes.push(IndexPlan {
                             key: index_key,
-                            prefix,
+                            prefix: format!("{p}w:{series}:"),
                             ttl_ms: ttl_ms(size),
                             trim,
                             starts: Vec::new(),
@@ -889,20 +891,15 @@ impl RedisStore {
                     windows.len() - 1
                 }
             };
-            // The last change of a row wins, should an epoch hold two.
-            windows[w].rows.insert(
-                field(view, &u.key, u.rank),
-                match &u.value {
-                    Some(v) => value(view, v),
-                    None => String::new(),
-                },
-            );
+            // The last change of a row wins, should an epoch hold two; an empty value
+            // deletes the row.
+            windows[w].rows.insert(f, v.unwrap_or_default());
         }
         let streams = streams
             .into_iter()
-            .map(|(k, mut items)| {
+            .map(|(p, mut items)| {
                 items.push(']');
-                (k, items)
+                (format!("{}changes", self.keys.provider(p)), items)
             })
             .collect();
         Plan {

@@ -3,7 +3,7 @@
 //! `scripts/test.sh`) installs the Debian package; without it these panic and say so.
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -58,10 +58,6 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 
     fn spawn(&mut self) {
@@ -123,12 +119,8 @@ impl RedisServer {
         }
     }
 
-    /// Starts it again on the same port and directory (the AOF brings the data back).
-    pub fn restart(&mut self) {
-        self.stop(false);
-        self.spawn();
-    }
-
+    /// Starts it again, stopped, on the same port and directory (the AOF brings the
+    /// data back).
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "still running");
         self.spawn();
