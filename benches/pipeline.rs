@@ -151,6 +151,7 @@ fn run_on(
         follow: false,
         until_eof: true,
         stop: Arc::new(AtomicBool::new(false)),
+        feed: None,
     };
     let start = Instant::now();
     ingest::run(cfg, observe).unwrap();

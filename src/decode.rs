@@ -205,10 +205,7 @@ fn fields(raw: &RawFields<'_>) -> Result<Event, Reason> {
 
     let event_id = required_str(Field::EventId, 128)?;
     let provider_id = required_str(Field::ProviderId, 64)?;
-    if !provider_id
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-    {
+    if !valid_provider_id(&provider_id) {
         return Err(err(Field::ProviderId, Problem::Invalid));
     }
     let product_id = required_str(Field::ProductId, 128)?;
@@ -517,4 +514,11 @@ impl<'a> KeySet<'a> {
         }
         true
     }
+}
+
+/// A provider_id as EVENTS.md allows it: 1..=64 bytes of `[A-Za-z0-9_.-]`.
+pub fn valid_provider_id(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }

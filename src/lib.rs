@@ -8,6 +8,7 @@
 //!   -> committer                    ingest         staging log + dead letters + one
 //!                                                  atomic store commit per epoch
 //!   -> store (embedded | Redis)     store          rows, positions, counters; export
+//! store -> gRPC API                 query          keys, tenants, Watch, Publish
 //! ```
 //!
 //! Modules:
@@ -18,6 +19,7 @@
 //! - [`ingest`]: the run loop: reading, epochs, the committer, restart.
 //! - [`dataflow`]: the timely dataflow (the only user of timely and differential).
 //! - [`store`]: the store interface, the embedded and Redis stores, the export format.
+//! - [`query`]: the gRPC API (Query, Ingest, Admin, health, reflection), API keys.
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
 //! - [`archive`]: the staging log of dataflow input, replayed after a restart.
 //! - [`telemetry`]: logging set-up.
@@ -47,6 +49,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod query;
 pub mod source;
 pub mod store;
 pub mod telemetry;

@@ -52,6 +52,9 @@ pub const STATE_ENTRIES: &str = "tally_state_entries";
 /// Failed store commits, label `kind`: `unavailable` (retried) or `refused` (the
 /// run stops) (counter).
 pub const STORE_ERRORS: &str = "tally_store_errors_total";
+/// gRPC calls of the Tally services, labels `rpc` (the method) and `code` (the gRPC
+/// status code name), seconds until the response starts (histogram).
+pub const QUERY_SECONDS: &str = "tally_query_seconds";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -60,6 +63,7 @@ pub fn install() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let latency: Vec<f64> = (0..16).map(|i| 0.0005 * 2f64.powi(i)).collect();
         let outage = [1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0];
+        let query: Vec<f64> = (0..16).map(|i| 0.000_05 * 2f64.powi(i)).collect();
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(COMMIT_SECONDS.into()), &latency)
             .and_then(|b| {
@@ -68,6 +72,7 @@ pub fn install() -> &'static PrometheusHandle {
             .and_then(|b| {
                 b.set_buckets_for_metric(Matcher::Full(STORE_OUTAGE_SECONDS.into()), &outage)
             })
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(QUERY_SECONDS.into()), &query))
             .expect("buckets are not empty")
             .build_recorder();
         let handle = recorder.handle();
@@ -140,6 +145,11 @@ fn describe() {
     describe_counter!(
         STORE_ERRORS,
         "Failed store commits by kind (unavailable: retried; refused: the run stops)"
+    );
+    describe_histogram!(
+        QUERY_SECONDS,
+        Unit::Seconds,
+        "gRPC calls by rpc and status code, until the response starts"
     );
 }
 

@@ -115,6 +115,7 @@ pub fn demo(a: DemoArgs) -> Result<Exit> {
         follow: false,
         until_eof: false,
         stop: Arc::clone(&stop),
+        feed: None,
     };
     let summary = ingest::run(cfg, report)?;
 

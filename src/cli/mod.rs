@@ -4,7 +4,9 @@
 // Doc comments here are `--help` text, where `[[sources]]` means the TOML table.
 #![allow(rustdoc::broken_intra_doc_links)]
 
+mod client;
 mod demo;
+mod keys;
 mod validate;
 
 use crate::ingest::{self, RunConfig};
@@ -39,7 +41,7 @@ pub enum Command {
     /// and it resumes where it stopped: nothing lost, nothing counted twice. Stops on
     /// Ctrl-C or SIGTERM after committing what it has read (within
     /// --shutdown-timeout), or by itself with --until-eof.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print every row of every view from a store, as sorted JSON Lines (see README).
     Export {
         #[arg(long, default_value = "tally-data")]
@@ -66,6 +68,14 @@ pub enum Command {
     },
     /// A live demo: a generated stream through the whole pipeline on the embedded store.
     Demo(demo::DemoArgs),
+    /// Manage the API keys of the gRPC server (the keys file of `run --keys`).
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
+    /// Query a running server over gRPC (providers: windows, summaries, top products,
+    /// watch; operators: status).
+    ///
+    /// The key comes from TALLY_API_KEY (never a flag, so it stays out of process lists).
+    Query(client::QueryArgs),
 }
 
 #[derive(Args, Debug)]
@@ -101,7 +111,64 @@ pub struct RunArgs {
     #[arg(long, env = "TALLY_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
     #[command(flatten)]
+    pub grpc: GrpcArgs,
+    #[command(flatten)]
     pub store: StoreArgs,
+}
+
+/// The gRPC API, served by `run` with --grpc-addr.
+#[derive(Args, Debug, Clone, Default)]
+pub struct GrpcArgs {
+    /// Serve the gRPC API (Query, Ingest, Admin, health, reflection) on ADDR
+    /// (e.g. 0.0.0.0:50051). Events published over Ingest are one more input, `grpc`.
+    #[arg(long, env = "TALLY_GRPC_ADDR")]
+    pub grpc_addr: Option<String>,
+    /// The API keys file (see `tally keys`); reloaded when it changes.
+    #[arg(long, env = "TALLY_KEYS", default_value = "tally-keys.json")]
+    pub keys: PathBuf,
+    /// Serve TLS with this PEM certificate chain (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Requests per second per key (also the burst); 0 for no limit.
+    #[arg(long, default_value_t = 1000)]
+    pub rate_limit: u32,
+    /// The longest range of ListWindows and of a Watch snapshot.
+    #[arg(long, default_value = "31d")]
+    pub max_range: String,
+    /// The longest range of Summarize.
+    #[arg(long, default_value = "400d")]
+    pub max_summary_range: String,
+    /// The longest a unary call may take.
+    #[arg(long, default_value = "30s")]
+    pub request_timeout: String,
+    /// Changed rows of past epochs kept for Watch to resume from.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub watch_history: usize,
+}
+
+impl GrpcArgs {
+    fn config(&self, addr: &str) -> Result<crate::query::ServeConfig> {
+        let dur = |flag: &str, v: &str| {
+            crate::pipeline::parse_duration(v).map_err(|e| anyhow::anyhow!("--{flag} '{v}': {e}"))
+        };
+        let limits = crate::query::Limits {
+            max_range: dur("max-range", &self.max_range)?.as_millis() as i64,
+            max_summary_range: dur("max-summary-range", &self.max_summary_range)?.as_millis()
+                as i64,
+            rate_per_key: self.rate_limit,
+            request_timeout: dur("request-timeout", &self.request_timeout)?,
+            ..Default::default()
+        };
+        Ok(crate::query::ServeConfig {
+            addr: addr.to_owned(),
+            keys: self.keys.clone(),
+            tls: self.tls_cert.clone().zip(self.tls_key.clone()),
+            limits,
+        })
+    }
 }
 
 /// Which store: the embedded one in --data-dir, or Redis with --redis. The ACL user
@@ -267,7 +334,7 @@ pub fn stop_on_signal(deadline: Option<std::time::Duration>) -> Arc<AtomicBool> 
 
 pub fn dispatch(cli: Cli) -> Result<Exit> {
     match cli.command {
-        Command::Run(a) => run(a),
+        Command::Run(a) => run(*a),
         Command::Export {
             data_dir,
             out,
@@ -299,12 +366,14 @@ pub fn dispatch(cli: Cli) -> Result<Exit> {
             examples,
         } => validate::validate(&file, pipeline.as_deref(), examples),
         Command::Demo(a) => demo::demo(a),
+        Command::Keys(k) => keys::keys(k),
+        Command::Query(q) => client::query(q),
     }
 }
 
 fn run(a: RunArgs) -> Result<Exit> {
     let pipeline = Arc::new(load_pipeline(a.pipeline.as_deref())?);
-    let (inputs, follow) = if a.inputs.is_empty() {
+    let (mut inputs, follow) = if a.inputs.is_empty() {
         let mut inputs = Vec::new();
         let mut follow = a.follow;
         for s in &pipeline.sources {
@@ -317,8 +386,8 @@ fn run(a: RunArgs) -> Result<Exit> {
             }
         }
         anyhow::ensure!(
-            !inputs.is_empty(),
-            "no inputs: name files (or - for stdin), or add [[sources]] to {}",
+            !inputs.is_empty() || a.grpc.grpc_addr.is_some(),
+            "no inputs: name files (or - for stdin), add [[sources]] to {}, or take events over gRPC with --grpc-addr",
             pipeline.file
         );
         (inputs, follow)
@@ -340,6 +409,43 @@ fn run(a: RunArgs) -> Result<Exit> {
     if let Some(addr) = &a.metrics_addr {
         crate::metrics::serve(addr).with_context(|| format!("--metrics-addr {addr}"))?;
     }
+    // The gRPC API: a hub fed by the committer, an ingest source, the server.
+    let mut server = None;
+    let mut feed: Option<Arc<dyn ingest::Feed>> = None;
+    if let Some(addr) = &a.grpc.grpc_addr {
+        let serve = a.grpc.config(addr)?;
+        let feeder = crate::source::channel::Feeder::new("grpc");
+        inputs.push(Input::Channel(feeder.clone()));
+        let (backend, indexed, described) = match &store {
+            StoreConfig::Embedded => (
+                crate::query::Backend::Memory,
+                true,
+                ("embedded".to_owned(), "data directory".to_owned()),
+            ),
+            StoreConfig::Redis(c) => (
+                crate::query::Backend::Redis(crate::store::redis::RedisReader::open_for(
+                    c,
+                    &pipeline.views,
+                )?),
+                false,
+                ("redis".to_owned(), c.describe()),
+            ),
+        };
+        let hub = Arc::new(crate::query::hub::Hub::new(
+            indexed,
+            a.grpc.watch_history,
+            Some(a.data_dir.join("watch")),
+        ));
+        feed = Some(hub.clone());
+        server = Some(crate::query::Server::start(
+            &serve,
+            Arc::clone(&pipeline),
+            hub,
+            backend,
+            described,
+            Some(feeder),
+        )?);
+    }
     let cfg = RunConfig {
         pipeline,
         data_dir: a.data_dir.clone(),
@@ -352,6 +458,7 @@ fn run(a: RunArgs) -> Result<Exit> {
             crate::pipeline::parse_duration(&a.shutdown_timeout)
                 .map_err(|e| anyhow::anyhow!("--shutdown-timeout '{}': {e}", a.shutdown_timeout))?,
         )),
+        feed,
     };
     let progress = a.progress;
     let summary = ingest::run(cfg, move |r| {
@@ -366,7 +473,12 @@ fn run(a: RunArgs) -> Result<Exit> {
                 r.commit_latency.as_secs_f64() * 1e3
             );
         }
-    })?;
+    });
+    // Stop serving only after the last commit: publishers get their acknowledgements.
+    if let Some(s) = server {
+        s.stop();
+    }
+    let summary = summary?;
     tracing::info!(
         records = summary.records,
         epochs = summary.committed_epochs,

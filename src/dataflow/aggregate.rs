@@ -83,12 +83,19 @@ impl IsZero for Sums {
     }
 }
 
-impl Semigroup for Sums {
-    fn plus_equals(&mut self, rhs: &Self) {
+impl Sums {
+    /// Adds another window's or event's sums.
+    pub fn add(&mut self, rhs: &Sums) {
         self.sales += rhs.sales;
         self.gross += rhs.gross;
         self.refunds += rhs.refunds;
         self.refunds_amount += rhs.refunds_amount;
+    }
+}
+
+impl Semigroup for Sums {
+    fn plus_equals(&mut self, rhs: &Self) {
+        self.add(rhs);
     }
 }
 

@@ -425,7 +425,26 @@ pub fn run_epochs(
 /// shrank in one call, so the gauge sums every worker's state.
 pub(crate) fn track_state(stage: &'static str, before: usize, after: usize) {
     if before != after {
-        metrics::gauge!(crate::metrics::STATE_ENTRIES, "stage" => stage)
-            .increment(after as f64 - before as f64);
+        let d = after as i64 - before as i64;
+        metrics::gauge!(crate::metrics::STATE_ENTRIES, "stage" => stage).increment(d as f64);
+        if let Some((_, n)) = STATE.iter().find(|(s, _)| *s == stage) {
+            n.fetch_add(d, std::sync::atomic::Ordering::Relaxed);
+        }
     }
+}
+
+/// Entries held per stage, summed over the workers of this process.
+static STATE: [(&str, std::sync::atomic::AtomicI64); 3] = [
+    ("admit", std::sync::atomic::AtomicI64::new(0)),
+    ("voids", std::sync::atomic::AtomicI64::new(0)),
+    ("rows", std::sync::atomic::AtomicI64::new(0)),
+];
+
+/// Records held in the dataflow's state per stage (`admit`: event ids within the
+/// dedup horizon; `voids`: void slots; `rows`: aggregate rows and top-k members).
+pub fn state_entries() -> Vec<(&'static str, i64)> {
+    STATE
+        .iter()
+        .map(|(s, n)| (*s, n.load(std::sync::atomic::Ordering::Relaxed)))
+        .collect()
 }

@@ -29,7 +29,7 @@ use crate::decode::{decode, Reason};
 use crate::model::{Millis, Position};
 use crate::pipeline::Pipeline;
 use crate::source::{Input, SourceError, SourceMsg, Sources};
-use crate::store::{Commit, Counters, Store, StoreConfig, StoreError};
+use crate::store::{Commit, Counters, Meta, Store, StoreConfig, StoreError, StoredRow};
 use base64::Engine;
 use crossbeam_channel::{select, Receiver};
 use std::collections::BTreeMap;
@@ -56,6 +56,26 @@ pub struct RunConfig {
     pub until_eof: bool,
     /// Set to stop gracefully (signals).
     pub stop: Arc<AtomicBool>,
+    /// Told of the store and of every commit (the gRPC API).
+    pub feed: Option<Arc<dyn Feed>>,
+}
+
+/// What the run loop tells the rest of the process (the gRPC API) as it goes. Called
+/// from the committer thread, in commit order: keep it short.
+pub trait Feed: Send + Sync {
+    /// Whether [`Feed::opened`] needs the store's rows (an in-memory index does).
+    fn wants_rows(&self) -> bool {
+        false
+    }
+    /// The store is open: its last commit, and its rows when asked for.
+    fn opened(&self, meta: &Meta, rows: Vec<StoredRow>);
+    /// The commit of an epoch that closed at `closed_at` starts (lag runs from there).
+    fn committing(&self, _epoch: Epoch, _closed_at: Instant) {}
+    /// The store stopped or started answering.
+    fn store_up(&self, _up: bool) {}
+    /// An epoch is committed; `dead` holds its dead letters: (source name, offset,
+    /// reason code).
+    fn committed(&self, commit: &Commit, dead: &[(String, u64, &'static str)]);
 }
 
 /// Why a run failed.
@@ -134,6 +154,14 @@ pub fn run(
     }
     let mut store = cfg.store.open(&cfg.data_dir)?;
     store.bind_views(&cfg.pipeline.views)?;
+    if let Some(f) = &cfg.feed {
+        let rows = if f.wants_rows() {
+            store.rows()?
+        } else {
+            Vec::new()
+        };
+        f.opened(store.meta(), rows);
+    }
     metrics::gauge!(crate::metrics::STORE_UP).set(1.0);
     metrics::gauge!(crate::metrics::LAST_EPOCH).set(store.meta().epoch as f64);
     let meta = store.meta().clone();
@@ -209,11 +237,13 @@ pub fn run(
     let committer = {
         let workers = df.workers();
         let committed = meta.epoch;
+        let feed = cfg.feed.clone();
         std::thread::Builder::new()
             .name("tally-committer".into())
             .spawn(move || {
                 commit_loop(
-                    store, staging, dead, workers, committed, meta_rx, out_rx, permit_rx, observe,
+                    store, staging, dead, workers, committed, meta_rx, out_rx, permit_rx, feed,
+                    observe,
                 )
             })
             .expect("spawn committer")
@@ -483,6 +513,7 @@ fn commit_loop(
     metas: Receiver<EpochMeta>,
     outputs: Receiver<EpochOutput>,
     permits: Receiver<()>,
+    feed: Option<Arc<dyn Feed>>,
     mut observe: impl FnMut(&EpochReport),
 ) -> Result<(), RunError> {
     let mut pending: BTreeMap<Epoch, PendingEpoch> = BTreeMap::new();
@@ -527,7 +558,14 @@ fn commit_loop(
             if m.replay || m.epoch <= committed {
                 continue;
             }
-            let report = commit_epoch(&mut *store, &mut staging, &mut dead, m, p.out)?;
+            let report = commit_epoch(
+                &mut *store,
+                &mut staging,
+                &mut dead,
+                m,
+                p.out,
+                feed.as_deref(),
+            )?;
             record(&report);
             let _ = permits.try_recv();
             observe(&report);
@@ -542,6 +580,7 @@ fn commit_epoch(
     dead: &mut DeadLetterFile,
     m: EpochMeta,
     out: Vec<Out>,
+    feed: Option<&dyn Feed>,
 ) -> Result<EpochReport, RunError> {
     let mut counters = Counters {
         records: m.records,
@@ -632,8 +671,28 @@ fn commit_epoch(
         commit.counters.clone(),
     );
     let store_started = Instant::now();
-    commit_with_retry(store, &commit, m.closed_at)?;
+    if let Some(f) = feed {
+        f.committing(commit.epoch, m.closed_at);
+    }
+    commit_with_retry(store, &commit, m.closed_at, feed)?;
     let store_latency = store_started.elapsed();
+    if let Some(f) = feed {
+        let dead: Vec<(String, u64, &'static str)> = m
+            .line_dead
+            .iter()
+            .map(|(pos, reason, _)| (*pos, *reason))
+            .chain(letters.iter().map(|d| (d.pos, d.reason)))
+            .map(|(pos, reason)| {
+                let name = m
+                    .names
+                    .get(pos.source as usize)
+                    .cloned()
+                    .unwrap_or_default();
+                (name, pos.offset, reason.code())
+            })
+            .collect();
+        f.committed(&commit, &dead);
+    }
     Ok(EpochReport {
         store_latency,
         positions: commit.positions,
@@ -652,6 +711,7 @@ fn commit_with_retry(
     store: &mut dyn Store,
     commit: &Commit,
     closed_at: Instant,
+    feed: Option<&dyn Feed>,
 ) -> Result<(), StoreError> {
     use crate::metrics as m;
     let mut pause = Duration::from_millis(100);
@@ -662,6 +722,9 @@ fn commit_with_retry(
             Ok(()) => {
                 if let Some(t) = outage {
                     metrics::gauge!(m::STORE_UP).set(1.0);
+                    if let Some(f) = feed {
+                        f.store_up(true);
+                    }
                     metrics::histogram!(m::STORE_OUTAGE_SECONDS).record(t.elapsed().as_secs_f64());
                     tracing::warn!(
                         epoch = commit.epoch,
@@ -675,6 +738,9 @@ fn commit_with_retry(
                 metrics::counter!(m::STORE_ERRORS, "kind" => "unavailable").increment(1);
                 if outage.is_none() {
                     metrics::gauge!(m::STORE_UP).set(0.0);
+                    if let Some(f) = feed {
+                        f.store_up(false);
+                    }
                     tracing::error!(epoch = commit.epoch, error = %e, "store unavailable; commits paused, reading stops once {IN_FLIGHT} epochs wait");
                     outage = Some(Instant::now());
                 } else {

@@ -1,13 +1,15 @@
 //! Sources: where records come from, each with a position (source name, byte offset).
 //!
-//! An input is a JSON Lines file, a directory of them (read in name order), stdin, or
-//! the built-in generator ([`gen`]). Each input is read by its own thread, which splits
+//! An input is a JSON Lines file, a directory of them (read in name order), stdin,
+//! the built-in generator ([`gen`]), or records the process hands over itself
+//! ([`channel`], for gRPC Publish; its position is a record count). Each input is read by its own thread, which splits
 //! lines, decodes them (decode is pure and per line, so it runs beside the dataflow) and
 //! sends batches to the ingest loop over a bounded channel: a slow dataflow blocks the
 //! readers (backpressure). A reader starts at the committed offset of each of its files.
 //! With `follow`, the last file of an input is tailed as it grows; an incomplete last
 //! line is only read once its newline arrives.
 
+pub mod channel;
 pub mod gen;
 
 use crate::decode::{decode, Reason};
@@ -29,6 +31,8 @@ pub enum Input {
     Stdin,
     /// Generated events (demo, tests, benchmarks).
     Generated(gen::GenOptions),
+    /// Records the process hands over itself (gRPC Publish).
+    Channel(channel::Feeder),
 }
 
 /// A source could not be opened or read.
@@ -76,6 +80,7 @@ enum Unit {
     File(PathBuf),
     Stdin,
     Gen(gen::GenOptions),
+    Channel(channel::Feeder),
 }
 
 impl Sources {
@@ -100,6 +105,7 @@ impl Sources {
                 Input::Generated(g) => {
                     add(format!("gen:{}", g.seed), Unit::Gen(g.clone()), &mut names)
                 }
+                Input::Channel(f) => add(f.name().to_owned(), Unit::Channel(f.clone()), &mut names),
                 Input::Path(p) => {
                     let err = |source| SourceError::Io {
                         path: p.display().to_string(),
@@ -160,6 +166,11 @@ impl Sources {
                             Unit::Gen(g) => {
                                 gen::stream(idx, g, offset, &tx, &stop);
                                 Ok(())
+                            }
+                            Unit::Channel(f) => {
+                                // Sends its end of input itself, at once.
+                                f.read(idx, offset, &tx, &stop);
+                                return;
                             }
                         };
                         if let Err(e) = res {

@@ -263,14 +263,14 @@ return 1
 /// rank's field, `<field>|<rank>`, is returned). Returns start, field, value triples.
 pub const READ: &str = r#"
 local out = {}
-local ranked = ARGV[5] == '1'
+local mode = ARGV[5]
 local want = ARGV[2] .. '|'
 for _, st in ipairs(redis.call('ZRANGE', KEYS[1], ARGV[3], ARGV[4], 'BYSCORE')) do
   local key = ARGV[1] .. st
-  if ranked then
+  if mode ~= '0' then
     local all = redis.call('HGETALL', key)
     for j = 1, #all, 2 do
-      if string.sub(all[j], 1, #want) == want then
+      if mode == '2' or string.sub(all[j], 1, #want) == want then
         table.insert(out, st); table.insert(out, all[j]); table.insert(out, all[j + 1])
       end
     end
@@ -539,6 +539,16 @@ impl RedisReader {
         })
     }
 
+    /// As [`RedisReader::open`], for a namespace that may hold no commit yet: the
+    /// views are the pipeline's (the writer refuses to commit with others).
+    pub fn open_for(cfg: &RedisConfig, views: &[View]) -> Result<RedisReader, StoreError> {
+        let mut r = RedisReader::open(cfg)?;
+        if let Some(inner) = std::sync::Arc::get_mut(&mut r.inner) {
+            inner.meta.views = views.to_vec();
+        }
+        Ok(r)
+    }
+
     /// The meta read at open (the views are fixed; epoch and counters move on).
     pub fn meta(&self) -> &Meta {
         &self.inner.meta
@@ -548,6 +558,13 @@ impl RedisReader {
     pub fn windows(&self, q: &WindowQuery) -> Result<Vec<(Millis, u32, RowValue)>, StoreError> {
         let i = &self.inner;
         read_windows(&mut PoolSource(i), &i.keys, &i.meta.views, q)
+    }
+
+    /// The rows of every group in the windows `q` names (its `group` is not used):
+    /// one round trip, in no particular order.
+    pub fn window_rows(&self, q: &WindowQuery) -> Result<Vec<StoredRow>, StoreError> {
+        let i = &self.inner;
+        read_window_rows(&mut PoolSource(i), &i.keys, &i.meta.views, q, None)
     }
 
     /// Every stored row.
@@ -1408,17 +1425,39 @@ fn read_windows(
     views: &[View],
     q: &WindowQuery,
 ) -> Result<Vec<(Millis, u32, RowValue)>, StoreError> {
-    let Some(v) = views.iter().find(|v| v.name == q.view).cloned() else {
+    let mut out: Vec<_> = read_window_rows(src, keys, views, q, Some(q.group))?
+        .into_iter()
+        .map(|((k, rank), v)| (k.start, rank, v))
+        .collect();
+    out.sort_by_key(|(s, r, _)| (*s, *r));
+    Ok(out)
+}
+
+/// The rows of the windows `q` names, of the group `group` (in the view's order
+/// after provider_id), or of every group with `None`: one round trip ([`READ`]).
+fn read_window_rows(
+    src: &mut impl Source,
+    keys: &Keys,
+    views: &[View],
+    q: &WindowQuery,
+    group: Option<&[&str]>,
+) -> Result<Vec<StoredRow>, StoreError> {
+    let Some((vi, v)) = views.iter().enumerate().find(|(_, v)| v.name == q.view) else {
         return Ok(Vec::new());
     };
     let p = keys.provider(q.provider);
     let name = format!("{}:{}", v.name, q.size.label());
-    let f = q
-        .group
+    let f = group
+        .unwrap_or_default()
         .iter()
         .map(|g| escape(g))
         .collect::<Vec<_>>()
         .join(":");
+    let mode = match (group, &v.top_k) {
+        (None, _) => "2",
+        (Some(_), Some(_)) => "1",
+        (Some(_), None) => "0",
+    };
     let script = Script::new(READ);
     let mut inv = script.prepare_invoke();
     inv.key(format!("{p}i:{name}"))
@@ -1426,19 +1465,27 @@ fn read_windows(
         .arg(&f)
         .arg(q.from)
         .arg(q.to)
-        .arg(if v.top_k.is_some() { "1" } else { "0" });
+        .arg(mode);
     let flat: Vec<String> = src.run(|mut c| inv.invoke(c.con()))?;
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(flat.len() / 3);
     for t in flat.chunks(3) {
         let bad = || StoreError::Corrupt {
             path: format!("{p}w:{name}:{}", t[0]),
             reason: format!("field '{}' or its value", t[1]),
         };
         let start: Millis = t[0].parse().map_err(|_| bad())?;
-        let (_, rank) = parse_field(&v, &t[1]).ok_or_else(bad)?;
-        out.push((start, rank, parse_value(&t[2]).ok_or_else(bad)?));
+        let (rest, rank) = parse_field(v, &t[1]).ok_or_else(bad)?;
+        let mut group = Vec::with_capacity(rest.len() + 1);
+        group.push(CompactString::from(q.provider));
+        group.extend(rest);
+        let key = RowKey {
+            view: vi as u16,
+            size: q.size,
+            start,
+            group,
+        };
+        out.push(((key, rank), parse_value(&t[2]).ok_or_else(bad)?));
     }
-    out.sort_by_key(|(s, r, _)| (*s, *r));
     Ok(out)
 }
 
