@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the test suite starts for real: redis-server and redis-cli (Debian's
 # redis-server and redis-tools), openssl (the TLS test makes its own CA and
-# certificate) and promtool (Debian's prometheus: it checks deploy/'s alert rules).
+# certificate), promtool (Debian's prometheus: it checks deploy/'s alert rules), and
+# a Python venv with grpcio-tools (PyPI) for the third-party gRPC client test, in
+# ${TALLY_VENV:-$HOME/.cache/tally-venv}, outside the clone.
 # Safe to run again; does nothing when all is there.
 set -euo pipefail
 
@@ -17,4 +19,16 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
   echo "installing ${need_apt[*]} (apt-get)" >&2
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+VENV="${TALLY_VENV:-$HOME/.cache/tally-venv}"
+if ! "$VENV/bin/python" -c 'import grpc_tools, grpc_health, grpc_reflection' >/dev/null 2>&1; then
+  echo "installing grpcio-tools into $VENV (pip)" >&2
+  if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    python3 -m venv "$VENV"
+  fi
+  "$VENV/bin/pip" install -q --disable-pip-version-check \
+    grpcio==1.85.1 grpcio-tools==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1
 fi

@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tally-target}"
 export CARGO_TERM_COLOR=never
+export TALLY_VENV="${TALLY_VENV:-$HOME/.cache/tally-venv}"
 
 bash scripts/deps.sh
 

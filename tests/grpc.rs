@@ -751,3 +751,204 @@ fn publish_and_watch() {
     let got: BTreeSet<String> = w.rows.values().cloned().collect();
     assert_eq!(got, want);
 }
+
+/// The venv's Python, with grpcio-tools (installed by scripts/deps.sh).
+fn python() -> std::path::PathBuf {
+    let venv = std::env::var("TALLY_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/tally-venv")
+        });
+    let py = venv.join("bin/python");
+    assert!(
+        py.exists(),
+        "no Python venv with grpcio-tools at {}: run `bash scripts/deps.sh` (scripts/test.sh does)",
+        venv.display()
+    );
+    py
+}
+
+/// A Python grpcio client generated from proto/ runs a scripted session (health,
+/// reflection, publish, list, summarize, watch); what it saw equals the export.
+#[test]
+fn python_client_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = Keys::create(dir.path());
+    let data = dir.path().join("data");
+    let events = dir.path().join("events.jsonl");
+    common::gen_to(
+        &events,
+        &[
+            "--events",
+            "3000",
+            "--events-per-second",
+            "0.05",
+            "--start",
+            "2026-11-16T00:00:00Z",
+            "--bad-rate",
+            "0.02",
+            "--providers",
+            "3",
+        ],
+    );
+    // The claro key reads the first generated provider's data: find its name.
+    let bytes = std::fs::read(&events).unwrap();
+    let first: serde_json::Value = bytes
+        .split(|b| *b == b'\n')
+        .find_map(|l| {
+            serde_json::from_slice::<serde_json::Value>(l)
+                .ok()
+                .filter(|v| v["provider_id"].is_string())
+        })
+        .unwrap();
+    let provider = first["provider_id"].as_str().unwrap().to_owned();
+    let (pkey, _) = tally::query::keys::add(
+        &keys.path,
+        tally::query::keys::Role::Provider {
+            provider: provider.clone(),
+        },
+        "py",
+    )
+    .unwrap();
+    let t = Tally::start(
+        &data,
+        vec![],
+        StoreConfig::Embedded,
+        &keys.path,
+        Limits::default(),
+    );
+    let (from, to) = (START - DAY, START + 3 * DAY);
+    let out = std::process::Command::new(python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/session.py"))
+        .arg(t.addr.trim_start_matches("http://"))
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("proto"))
+        .arg(&events)
+        .arg(from.to_string())
+        .arg(to.to_string())
+        .env("TALLY_PROVIDER_KEY", &pkey)
+        .env("TALLY_INGEST_KEY", &keys.ingest)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python session failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    t.stop();
+
+    assert_eq!(got["health"], "SERVING");
+    let services: Vec<&str> = got["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    for s in [
+        "tally.v1.Query",
+        "tally.v1.Ingest",
+        "tally.v1.Admin",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(services.contains(&s), "{services:?}");
+    }
+    // Every event acknowledged, in order; the dead letters are the file's.
+    assert_eq!(got["acks_in_order"], true);
+    let acks = got["acks"].as_object().unwrap();
+    let total: u64 = acks.values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(total, 3000);
+    let dead_file = std::fs::read_to_string(data.join("dead-letters.jsonl")).unwrap();
+    let mut want_dead: BTreeMap<String, u64> = BTreeMap::new();
+    for l in dead_file.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        *want_dead
+            .entry(format!("DEAD_LETTER:{}", v["reason"].as_str().unwrap()))
+            .or_default() += 1;
+    }
+    let got_dead: BTreeMap<String, u64> = acks
+        .iter()
+        .filter(|(k, _)| k.starts_with("DEAD_LETTER"))
+        .map(|(k, v)| (k.clone(), v.as_u64().unwrap()))
+        .collect();
+    assert!(want_dead.len() > 10, "{want_dead:?}");
+    assert_eq!(got_dead, want_dead);
+
+    // Rows, summary and watched rows against the export (unset metrics left out).
+    let export = export_by_provider(&StoreConfig::Embedded, &data);
+    let strip = |l: &String| {
+        let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("provider_id");
+        o.retain(|_, x| !x.is_null());
+        v
+    };
+    let in_range = |v: &serde_json::Value| {
+        let s = chrono::DateTime::parse_from_rfc3339(v["window_start"].as_str().unwrap())
+            .unwrap()
+            .timestamp_millis();
+        from <= s && s < to
+    };
+    let want: Vec<serde_json::Value> = export[&provider]
+        .iter()
+        .filter(|l| l.contains("\"provider_window\"") && l.contains("\"window\":\"1h\""))
+        .map(strip)
+        .filter(in_range)
+        .collect();
+    assert!(want.len() > 10);
+    assert_eq!(got["rows"].as_array().unwrap(), &want);
+    let mut want_w: Vec<serde_json::Value> = export[&provider]
+        .iter()
+        .filter(|l| l.contains("\"product_window\"") && l.contains("\"window\":\"1h\""))
+        .map(strip)
+        .collect();
+    want_w.sort_by_key(|v| v.to_string());
+    let mut got_w = got["watched"].as_array().unwrap().clone();
+    got_w.sort_by_key(|v| v.to_string());
+    assert_eq!(got["watch_order_ok"], true);
+    assert!(got["watch_epoch"].as_u64() >= got["last_ack_epoch"].as_u64());
+    assert_eq!(got_w, want_w);
+    // The summary: per currency, the sum of the 1h rows inside the covered range
+    // (the range's edges are day boundaries in UTC, so hours tile what days do not).
+    let (cf, ct) = (
+        got["covered"][0].as_i64().unwrap(),
+        got["covered"][1].as_i64().unwrap(),
+    );
+    let mut sums: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    for v in &want {
+        let s = chrono::DateTime::parse_from_rfc3339(v["window_start"].as_str().unwrap())
+            .unwrap()
+            .timestamp_millis();
+        if cf <= s && s < ct {
+            let e = sums
+                .entry(v["currency"].as_str().unwrap().to_owned())
+                .or_default();
+            e.0 += v["sales_count"].as_i64().unwrap();
+            e.1 += v["net_amount"]
+                .as_str()
+                .unwrap()
+                .replace('.', "")
+                .parse::<i64>()
+                .unwrap();
+        }
+    }
+    let got_s: BTreeMap<String, (i64, i64)> = got["summary"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["currency"].as_str().unwrap().to_owned(),
+                (
+                    x["sales_count"].as_i64().unwrap(),
+                    x["net_amount"]
+                        .as_str()
+                        .unwrap()
+                        .replace('.', "")
+                        .parse()
+                        .unwrap(),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(got_s, sums);
+}

@@ -544,10 +544,14 @@ pub async fn serve(
             }
         });
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::DESCRIPTOR)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both reflection protocols: grpcurl and grpc_cli speak v1alpha, newer tools v1.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::DESCRIPTOR)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     let layer = auth::AuthLayer::new(ring, api.limits.rate_per_key);
     let mut builder = tonic::transport::Server::builder()
         .timeout(api.limits.request_timeout)
@@ -559,7 +563,8 @@ pub async fn serve(
     builder
         .layer(layer)
         .add_service(health_svc)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(pb::query_server::QueryServer::from_arc(Arc::new(
             service::QueryService::new(Arc::clone(&api)),
         )))
