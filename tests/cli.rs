@@ -170,7 +170,7 @@ fn epochs_are_cut_by_time_under_load() {
     gen_to(&f, &["--events", "200000", "--seed", "4"]);
     let p = tmp.path().join("p.toml");
     let pipeline = tally::pipeline::DEFAULT_PIPELINE
-        .replace("max_duration = \"250ms\"", "max_duration = \"20ms\"")
+        .replace("max_duration = \"200ms\"", "max_duration = \"20ms\"")
         .replace("max_events = 100000", "max_events = 100000000");
     std::fs::write(&p, pipeline).unwrap();
     let data = tmp.path().join("d");

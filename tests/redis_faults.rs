@@ -46,7 +46,7 @@ fn export_redis(urls: &str, cluster: bool) -> String {
 fn small_epochs(dir: &Path) -> std::path::PathBuf {
     let text = tally::pipeline::DEFAULT_PIPELINE
         .replace("max_events = 100000", "max_events = 2000")
-        .replace("max_duration = \"250ms\"", "max_duration = \"50ms\"");
+        .replace("max_duration = \"200ms\"", "max_duration = \"50ms\"");
     assert!(text.contains("max_events = 2000") && text.contains("\"50ms\""));
     let path = dir.join("small-epochs.toml");
     std::fs::write(&path, text).unwrap();

@@ -34,7 +34,11 @@ pub type Sum = i128;
 pub fn format_hundredths(v: Sum) -> String {
     let sign = if v < 0 { "-" } else { "" };
     let a = v.unsigned_abs();
-    format!("{sign}{}.{:02}", a / 100, a % 100)
+    // u128 formatting is slow; every real sum fits in a u64.
+    match u64::try_from(a) {
+        Ok(a) => format!("{sign}{}.{:02}", a / 100, a % 100),
+        Err(_) => format!("{sign}{}.{:02}", a / 100, a % 100),
+    }
 }
 
 /// An ISO 4217-shaped currency code: exactly three ASCII upper-case letters.
