@@ -282,6 +282,12 @@ fn is_number(raw: &str) -> bool {
 }
 
 /// `^[0-9]+(\.[0-9]{1,2})?$`, at most 1e12 units, as hundredths.
+/// An amount written as a decimal string (`"5000"`, `"5000.5"`, `"5000.50"`), as
+/// EVENTS.md allows it; `None` when it breaks a rule.
+pub fn parse_money(text: &str) -> Option<Money> {
+    hundredths(text)
+}
+
 fn hundredths(text: &str) -> Option<Money> {
     let (int, frac) = match text.split_once('.') {
         Some((i, f)) => (i, f),

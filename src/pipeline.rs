@@ -168,6 +168,31 @@ pub struct Pipeline {
     /// Row TTL per window size in the Redis store (`[retention]`); unlisted sizes use
     /// the store's defaults.
     pub retention: Vec<(WindowSize, Duration)>,
+    /// Large-transaction alert thresholds (`[alerts]`).
+    pub alerts: Alerts,
+}
+
+/// Large-transaction thresholds, in hundredths, per currency: a provider's own,
+/// else the default. A sale or refund at or above its threshold is an alert.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Alerts {
+    pub default: BTreeMap<String, i64>,
+    pub providers: BTreeMap<String, BTreeMap<String, i64>>,
+}
+
+impl Alerts {
+    pub fn is_empty(&self) -> bool {
+        self.default.is_empty() && self.providers.is_empty()
+    }
+
+    /// The threshold of a provider's transactions in a currency, if any.
+    pub fn threshold(&self, provider: &str, currency: &str) -> Option<i64> {
+        self.providers
+            .get(provider)
+            .and_then(|m| m.get(currency))
+            .or_else(|| self.default.get(currency))
+            .copied()
+    }
 }
 
 impl Pipeline {
@@ -291,6 +316,48 @@ struct RawPipeline {
     views: Vec<RawView>,
     #[serde(default)]
     retention: BTreeMap<Spanned<String>, Spanned<Dur>>,
+    #[serde(default)]
+    alerts: RawAlerts,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAlerts {
+    #[serde(default)]
+    default: BTreeMap<Spanned<String>, Spanned<String>>,
+    #[serde(default)]
+    providers: BTreeMap<Spanned<String>, BTreeMap<Spanned<String>, Spanned<String>>>,
+}
+
+type Thresholds = BTreeMap<Spanned<String>, Spanned<String>>;
+
+fn thresholds(
+    m: Thresholds,
+    at: &dyn Fn(usize, String) -> PipelineError,
+) -> Result<BTreeMap<String, i64>, PipelineError> {
+    let mut out = BTreeMap::new();
+    for (c, v) in m {
+        if crate::model::Currency::parse(c.get_ref()).is_none() {
+            return Err(at(
+                c.span().start,
+                format!(
+                    "alerts: '{}' is not a currency code (3 upper-case letters)",
+                    c.get_ref()
+                ),
+            ));
+        }
+        let h = crate::decode::parse_money(v.get_ref()).ok_or_else(|| {
+            at(
+                v.span().start,
+                format!(
+                    "alerts: '{}' is not an amount (a decimal string, at most 2 fraction digits)",
+                    v.get_ref()
+                ),
+            )
+        })?;
+        out.insert(c.into_inner(), h.hundredths());
+    }
+    Ok(out)
 }
 
 #[derive(Deserialize, Default)]
@@ -474,7 +541,7 @@ impl RawPipeline {
                 ))
             }
             Some(d) => d.into_inner().0,
-            None => Duration::from_millis(250),
+            None => Duration::from_millis(200),
         };
         let epoch_max_events = match self.epoch.max_events {
             Some(n) if *n.get_ref() == 0 => {
@@ -519,6 +586,19 @@ impl RawPipeline {
             }
             retention.push((w, ttl.into_inner().0));
         }
+        let mut alerts = Alerts {
+            default: thresholds(self.alerts.default, at)?,
+            providers: BTreeMap::new(),
+        };
+        for (p, m) in self.alerts.providers {
+            if !crate::decode::valid_provider_id(p.get_ref()) {
+                return Err(at(
+                    p.span().start,
+                    format!("alerts: '{}' is not a valid provider_id", p.get_ref()),
+                ));
+            }
+            alerts.providers.insert(p.into_inner(), thresholds(m, at)?);
+        }
         let sources = self
             .sources
             .into_iter()
@@ -546,6 +626,7 @@ impl RawPipeline {
             sources,
             views,
             retention,
+            alerts,
         })
     }
 }

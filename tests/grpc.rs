@@ -375,8 +375,13 @@ fn keys_and_roles(store: StoreConfig) {
                 code(q.summarize(req(summarize(), key)).await.map(|_| Code::Ok)),
                 code(q.top_products(req(top(), key)).await.map(|_| Code::Ok)),
                 code(q.watch(req(watch(), key)).await.map(|_| Code::Ok)),
+                code(
+                    q.watch_alerts(req(pb::WatchAlertsRequest::default(), key))
+                        .await
+                        .map(|_| Code::Ok),
+                ),
             ];
-            assert_eq!(got, [query; 4], "Query with {key:?}");
+            assert_eq!(got, [query; 5], "Query with {key:?}");
             assert_eq!(
                 code(
                     a.status(req(pb::StatusRequest {}, key))
@@ -951,4 +956,122 @@ fn python_client_session() {
         })
         .collect();
     assert_eq!(got_s, sums);
+}
+
+fn sale(id: &str, provider: &str, kind: &str, amount: &str, ts: &str) -> Vec<u8> {
+    format!(
+        r#"{{"event_id":"{id}","provider_id":"{provider}","product_id":"p","customer_id":"c","kind":"{kind}","amount":"{amount}","currency":"COP","ts":"{ts}"}}"#
+    )
+    .into_bytes()
+}
+
+/// WatchAlerts: each provider sees its own sales and refunds at or above its threshold
+/// (claro's own 50000.00 COP, tigo the default 60000.00), once, in order; not voids,
+/// dead letters or redeliveries; and again when resuming from an earlier epoch.
+#[test]
+fn watch_alerts() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = Keys::create(dir.path());
+    let t = Tally::start(
+        &dir.path().join("data"),
+        vec![],
+        StoreConfig::Embedded,
+        &keys.path,
+        Limits::default(),
+    );
+    let rt = rt();
+    rt.block_on(async {
+        let ch = channel(&t.addr).await;
+        let mut q = QueryClient::new(ch.clone());
+        let mut claro = q
+            .watch_alerts(req(pb::WatchAlertsRequest::default(), Some(&keys.claro)))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut tigo = q
+            .watch_alerts(req(pb::WatchAlertsRequest::default(), Some(&keys.tigo)))
+            .await
+            .unwrap()
+            .into_inner();
+        let events = vec![
+            sale("c1", "claro", "sale", "50000.00", "2026-11-16T10:00:00Z"),
+            sale("c2", "claro", "sale", "49999.99", "2026-11-16T10:00:01Z"),
+            sale("c3", "claro", "refund", "70000", "2026-11-16T10:00:02Z"),
+            sale("c1", "claro", "sale", "50000.00", "2026-11-16T10:00:00Z"), // redelivery
+            sale("c4", "claro", "sale", "90000.00", "2026-11-16T09:00:00Z"), // late
+            sale("t1", "tigo", "sale", "55000.00", "2026-11-16T10:00:03Z"),
+            sale("t2", "tigo", "sale", "60000.00", "2026-11-16T10:00:04Z"),
+            sale("c5", "claro", "sale", "1.00", "2026-11-16T10:00:05Z"),
+        ];
+        let mut i = IngestClient::new(ch);
+        let msgs: Vec<_> = events
+            .into_iter()
+            .enumerate()
+            .map(|(n, e)| pb::PublishRequest {
+                sequence: n as u64,
+                event: e,
+            })
+            .collect();
+        let mut acks = i
+            .publish(req(tokio_stream::iter(msgs), Some(&keys.ingest)))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut last = 0;
+        while let Some(a) = acks.message().await.unwrap() {
+            last = a.epoch;
+        }
+        let mut got_claro = Vec::new();
+        for _ in 0..2 {
+            got_claro.push(claro.message().await.unwrap().unwrap());
+        }
+        let got_tigo = tigo.message().await.unwrap().unwrap();
+        let ids: Vec<(&str, &str, &str, &str)> = got_claro
+            .iter()
+            .map(|a| {
+                (
+                    a.event_id.as_str(),
+                    a.kind.as_str(),
+                    a.amount.as_str(),
+                    a.threshold.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            ids,
+            vec![
+                ("c1", "sale", "50000.00", "50000.00"),
+                ("c3", "refund", "70000.00", "50000.00")
+            ]
+        );
+        assert_eq!(
+            (got_tigo.event_id.as_str(), got_tigo.threshold.as_str()),
+            ("t2", "60000.00")
+        );
+        assert!(got_claro
+            .iter()
+            .all(|a| a.epoch <= last && a.currency == "COP"));
+        // Nothing more comes for claro (c4 was late, c5 small): the next message is
+        // not an alert within a second.
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_secs(1), claro.message())
+                .await
+                .is_err()
+        );
+        // Resuming from before sends the same alerts again.
+        let mut again = q
+            .watch_alerts(req(
+                pb::WatchAlertsRequest {
+                    resume_after_epoch: Some(0),
+                },
+                Some(&keys.claro),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        for want in &got_claro {
+            assert_eq!(&again.message().await.unwrap().unwrap(), want);
+        }
+    });
+    t.stop();
 }

@@ -74,8 +74,28 @@ pub trait Feed: Send + Sync {
     /// The store stopped or started answering.
     fn store_up(&self, _up: bool) {}
     /// An epoch is committed; `dead` holds its dead letters: (source name, offset,
-    /// reason code).
-    fn committed(&self, commit: &Commit, dead: &[(String, u64, &'static str)]);
+    /// reason code); `alerts` its events at or above their alert threshold that are
+    /// not dead letters (a redelivery of an earlier one may be among them).
+    fn committed(&self, commit: &Commit, dead: &[(String, u64, &'static str)], alerts: &[Alert]);
+}
+
+/// A sale or refund at or above its provider's threshold (pipeline `[alerts]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Alert {
+    pub event_id: compact_str::CompactString,
+    pub provider_id: compact_str::CompactString,
+    pub product_id: compact_str::CompactString,
+    pub customer_id: compact_str::CompactString,
+    pub kind: crate::model::Kind,
+    /// Hundredths.
+    pub amount: i64,
+    pub currency: String,
+    pub ts: Millis,
+    /// Hundredths.
+    pub threshold: i64,
+    pub epoch: Epoch,
+    /// Where it was read.
+    pos: Position,
 }
 
 /// Why a run failed.
@@ -129,6 +149,7 @@ struct EpochMeta {
     positions: BTreeMap<String, u64>,
     staged: StagedEpoch,
     line_dead: Vec<(Position, Reason, Vec<u8>)>,
+    alerts: Vec<Alert>,
     /// Source names by position index.
     names: Arc<Vec<String>>,
     records: u64,
@@ -292,6 +313,7 @@ pub fn run(
             positions: BTreeMap::new(),
             staged: StagedEpoch::default(),
             line_dead: Vec::new(),
+            alerts: Vec::new(),
             names: Arc::new(Vec::new()),
             records: 0,
             decoded: 0,
@@ -317,6 +339,7 @@ pub fn run(
     let mut committed_epochs = 0u64;
     let mut failure: Option<RunError> = None;
     let max_events = cfg.pipeline.epoch_max_events;
+    let alerts = &cfg.pipeline.alerts;
     let max_duration = cfg.pipeline.epoch_max_duration;
     let mut deadline = Instant::now() + max_duration;
 
@@ -350,6 +373,11 @@ pub fn run(
                                 .into();
                             open.staged.push(name, pos, wm, Arc::clone(&raw));
                             open.decoded += 1;
+                            if !alerts.is_empty() {
+                                if let Some(a) = alert_of(alerts, &event, pos) {
+                                    open.alerts.push(a);
+                                }
+                            }
                             pending.push(Record {
                                 event: Box::new(event),
                                 pos,
@@ -440,10 +468,38 @@ pub fn run(
     })
 }
 
+/// An alert for `e` when it is a sale or refund at or above its threshold.
+fn alert_of(
+    alerts: &crate::pipeline::Alerts,
+    e: &crate::model::Event,
+    pos: Position,
+) -> Option<Alert> {
+    use crate::model::Kind;
+    let amount = e.amount?.hundredths();
+    if e.kind == Kind::Void {
+        return None;
+    }
+    let threshold = alerts.threshold(&e.provider_id, e.currency.as_str())?;
+    (amount >= threshold).then(|| Alert {
+        event_id: e.event_id.clone(),
+        provider_id: e.provider_id.clone(),
+        product_id: e.product_id.clone(),
+        customer_id: e.customer_id.clone(),
+        kind: e.kind,
+        amount,
+        currency: e.currency.as_str().to_owned(),
+        ts: e.ts,
+        threshold,
+        epoch: 0,
+        pos,
+    })
+}
+
 /// The epoch being filled.
 struct Open {
     staged: StagedEpoch,
     line_dead: Vec<(Position, Reason, Vec<u8>)>,
+    alerts: Vec<Alert>,
     records: u64,
     decoded: u64,
 }
@@ -466,6 +522,7 @@ impl Open {
             positions,
             staged: self.staged,
             line_dead: self.line_dead,
+            alerts: self.alerts,
             names: Arc::clone(names),
             records: self.records,
             decoded: self.decoded,
@@ -481,6 +538,7 @@ impl Open {
                 ..Default::default()
             },
             line_dead: Vec::new(),
+            alerts: Vec::new(),
             records: 0,
             decoded: 0,
         }
@@ -677,6 +735,16 @@ fn commit_epoch(
     commit_with_retry(store, &commit, m.closed_at, feed)?;
     let store_latency = store_started.elapsed();
     if let Some(f) = feed {
+        let dead_at: std::collections::HashSet<Position> = letters.iter().map(|d| d.pos).collect();
+        let alerts: Vec<Alert> = m
+            .alerts
+            .iter()
+            .filter(|a| !dead_at.contains(&a.pos))
+            .map(|a| Alert {
+                epoch: commit.epoch,
+                ..a.clone()
+            })
+            .collect();
         let dead: Vec<(String, u64, &'static str)> = m
             .line_dead
             .iter()
@@ -691,7 +759,7 @@ fn commit_epoch(
                 (name, pos.offset, reason.code())
             })
             .collect();
-        f.committed(&commit, &dead);
+        f.committed(&commit, &dead, &alerts);
     }
     Ok(EpochReport {
         store_latency,

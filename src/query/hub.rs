@@ -51,8 +51,15 @@ pub struct Status {
     pub committing_since: Option<Instant>,
 }
 
+/// Alerts kept for WatchAlerts to resume from.
+pub const ALERTS_KEPT: usize = 100_000;
+
 struct State {
     status: Status,
+    /// The last alerts, oldest first, and their (provider, event_id) to drop
+    /// redeliveries of an alerted event.
+    alerts: VecDeque<Arc<crate::ingest::Alert>>,
+    alerted: std::collections::HashSet<(CompactString, CompactString), ahash::RandomState>,
     /// By provider; `None` unless the hub indexes rows (embedded store).
     index: Option<HashMap<CompactString, ProviderRows, ahash::RandomState>>,
     history: VecDeque<Arc<EpochChanges>>,
@@ -175,6 +182,8 @@ impl Hub {
                     ..Status::default()
                 },
                 index: indexed.then(HashMap::default),
+                alerts: VecDeque::new(),
+                alerted: Default::default(),
                 history: VecDeque::new(),
                 history_rows: 0,
             }),
@@ -249,6 +258,23 @@ impl Hub {
                 .cloned()
                 .collect(),
         )
+    }
+
+    /// The provider's alerts of epochs after `after`, oldest first, and the epoch
+    /// they go up to.
+    pub fn alerts_after(
+        &self,
+        provider: &str,
+        after: Epoch,
+    ) -> (Vec<Arc<crate::ingest::Alert>>, Epoch) {
+        let s = self.state.read().expect("lock");
+        let alerts = s
+            .alerts
+            .iter()
+            .filter(|a| a.epoch > after && a.provider_id == provider)
+            .cloned()
+            .collect();
+        (alerts, s.status.epoch)
     }
 
     /// Registers a publisher; acks reach it through its channel.
@@ -340,7 +366,12 @@ impl crate::ingest::Feed for Hub {
         self.state.write().expect("lock").status.store_up = up;
     }
 
-    fn committed(&self, c: &Commit, dead: &[(String, u64, &'static str)]) {
+    fn committed(
+        &self,
+        c: &Commit,
+        dead: &[(String, u64, &'static str)],
+        alerts: &[crate::ingest::Alert],
+    ) {
         let changes = Arc::new(by_provider(c.epoch, &c.changes));
         {
             let mut s = self.state.write().expect("lock");
@@ -364,6 +395,17 @@ impl crate::ingest::Feed for Hub {
                         None => {
                             rows.remove(&k);
                         }
+                    }
+                }
+            }
+            for a in alerts {
+                let id = (a.provider_id.clone(), a.event_id.clone());
+                if s.alerted.insert(id) {
+                    s.alerts.push_back(Arc::new(a.clone()));
+                    if s.alerts.len() > ALERTS_KEPT {
+                        let old = s.alerts.pop_front().expect("non-empty");
+                        s.alerted
+                            .remove(&(old.provider_id.clone(), old.event_id.clone()));
                     }
                 }
             }

@@ -494,6 +494,58 @@ impl Query for QueryService {
         ))
     }
 
+    type WatchAlertsStream = ReceiverStream<Result<pb::Alert, Status>>;
+
+    async fn watch_alerts(
+        &self,
+        req: Request<pb::WatchAlertsRequest>,
+    ) -> Result<Response<Self::WatchAlertsStream>, Status> {
+        let t = tenant(&req)?;
+        self.api.ready().await?;
+        let r = req.into_inner();
+        let api = Arc::clone(&self.api);
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut epochs = api.hub.subscribe();
+            let mut closing = api.closing.clone();
+            let mut last = r.resume_after_epoch.unwrap_or_else(|| api.hub.epoch());
+            loop {
+                epochs.mark_unchanged();
+                let (alerts, now) = api.hub.alerts_after(t.provider(), last);
+                for a in alerts {
+                    let money = |h: i64| crate::model::format_hundredths(h.into());
+                    let msg = pb::Alert {
+                        event_id: a.event_id.to_string(),
+                        kind: a.kind.as_str().to_owned(),
+                        amount: money(a.amount),
+                        currency: a.currency.clone(),
+                        ts: Some(timestamp(a.ts)),
+                        product_id: a.product_id.to_string(),
+                        customer_id: a.customer_id.to_string(),
+                        threshold: money(a.threshold),
+                        epoch: a.epoch,
+                    };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return;
+                    }
+                }
+                last = last.max(now);
+                if api.hub.epoch() > last {
+                    continue;
+                }
+                tokio::select! {
+                    r = epochs.changed() => if r.is_err() { return },
+                    _ = async { let _ = closing.wait_for(|c| *c).await; } => {
+                        let _ = tx.send(Err(QueryError::ShuttingDown.into())).await;
+                        return;
+                    }
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
     type WatchStream = ReceiverStream<Result<pb::WatchEvent, Status>>;
 
     async fn watch(
