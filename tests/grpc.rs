@@ -9,6 +9,7 @@ use common::grpc::{channel, export_line, ms, req, ts, Keys, Tally};
 use common::redis::RedisServer;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::time::Duration;
 use tally::query::pb;
 use tally::query::pb::admin_client::AdminClient;
 use tally::query::pb::ingest_client::IngestClient;
@@ -1072,6 +1073,250 @@ fn watch_alerts() {
         for want in &got_claro {
             assert_eq!(&again.message().await.unwrap().unwrap(), want);
         }
+    });
+    t.stop();
+}
+
+/// The built binary end to end: `tally keys`, `tally run --grpc-addr` with TLS,
+/// `tally query` (status, windows as JSON equal to the export), a revoked key
+/// refused by the running server, plain HTTP refused by a TLS server, and SIGTERM
+/// stopping serving after the last commit (exit 0).
+#[test]
+fn the_binary_serves_tls_and_tally_query_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    common::tls_files(d);
+    let p = |n: &str| d.join(n).to_str().unwrap().to_owned();
+    let keys = p("keys.json");
+    let key = |role: &[&str]| {
+        let mut args = vec!["keys", "add", "--keys", &keys];
+        args.extend_from_slice(role);
+        String::from_utf8(common::ok(&args).stdout)
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let claro = key(&["--provider", "claro"]);
+    let admin = key(&["--admin", "--name", "ops"]);
+    let list = String::from_utf8(common::ok(&["keys", "list", "--keys", &keys]).stdout).unwrap();
+    assert!(
+        list.contains("provider claro") && list.contains("admin") && list.contains("ops"),
+        "{list}"
+    );
+    assert!(
+        !list.contains(&claro) && !list.contains(&admin),
+        "keys are never listed"
+    );
+    let events = p("events.jsonl");
+    common::gen_to(
+        Path::new(&events),
+        &[
+            "--events",
+            "5000",
+            "--events-per-second",
+            "0.2",
+            "--start",
+            "2026-11-16T00:00:00Z",
+        ],
+    );
+    let len = std::fs::metadata(&events).unwrap().len();
+    let port = common::redis::free_port();
+    let mut child = common::tally()
+        .args(["run", &events, "--data-dir", &p("data"), "--keys", &keys])
+        .args(["--grpc-addr", &format!("127.0.0.1:{port}")])
+        .args([
+            "--tls-cert",
+            &p("server.crt"),
+            "--tls-key",
+            &p("server.key"),
+        ])
+        .spawn()
+        .unwrap();
+    let addr = format!("https://127.0.0.1:{port}");
+    let query = |key: &str, args: &[&str]| {
+        common::tally()
+            .args(["query", "--addr", &addr, "--ca", &p("ca.crt"), "--json"])
+            .args(args)
+            .env("TALLY_API_KEY", key)
+            .output()
+            .unwrap()
+    };
+    common::wait_for("the input committed", Duration::from_secs(60), || {
+        let out = query(&admin, &["status"]);
+        out.status.success() && {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            v["positions"][&events].as_u64() == Some(len)
+        }
+    });
+    let status: serde_json::Value =
+        serde_json::from_slice(&query(&admin, &["status"]).stdout).unwrap();
+    assert_eq!(status["records"], 5000);
+    assert_eq!(status["store"]["kind"], "embedded");
+    let out = query(
+        &claro,
+        &[
+            "windows",
+            "--view",
+            "provider_window",
+            "--window",
+            "1h",
+            "--from",
+            "2026-11-15T00:00:00Z",
+            "--to",
+            "2026-11-20T00:00:00Z",
+            "--page-size",
+            "7",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // Plain HTTP to the TLS port fails, and says where.
+    let out = common::tally()
+        .args([
+            "query",
+            "--addr",
+            &format!("http://127.0.0.1:{port}"),
+            "status",
+        ])
+        .env("TALLY_API_KEY", &admin)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    // A revoked key is refused by the running server within a few seconds.
+    let id = &list
+        .lines()
+        .find(|l| l.contains("admin"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    common::ok(&["keys", "revoke", id, "--keys", &keys]);
+    common::wait_for("the revoked key refused", Duration::from_secs(10), || {
+        let out = query(&admin, &["status"]);
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Unauthenticated")
+    });
+    // SIGTERM: stop reading, commit, stop serving, exit 0.
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let st = child.wait().unwrap();
+    assert!(st.success(), "{st:?}");
+    let export = export_by_provider(&StoreConfig::Embedded, &d.join("data"));
+    let want: Vec<serde_json::Value> = export["claro"]
+        .iter()
+        .filter(|l| l.contains("\"provider_window\"") && l.contains("\"window\":\"1h\""))
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.remove("provider_id");
+            o.retain(|_, x| !x.is_null());
+            v
+        })
+        .collect();
+    assert!(want.len() > 5, "{want:?}");
+    assert_eq!(rows, want);
+}
+
+/// The standard health service follows the store: SERVING, NOT_SERVING while Redis
+/// is down and a commit waits, SERVING again once it commits; a query during the
+/// outage is UNAVAILABLE, not an internal error.
+#[test]
+fn health_follows_the_store() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = Keys::create(dir.path());
+    let mut redis = RedisServer::start();
+    let mut cfg = RedisConfig::new(redis.url());
+    cfg.response_timeout = std::time::Duration::from_secs(2);
+    cfg.connect_timeout = std::time::Duration::from_secs(1);
+    let t = Tally::start(
+        &dir.path().join("data"),
+        vec![],
+        StoreConfig::Redis(Box::new(cfg)),
+        &keys.path,
+        Limits::default(),
+    );
+    let rt = rt();
+    rt.block_on(async {
+        let ch = channel(&t.addr).await;
+        let mut h = HealthClient::new(ch.clone());
+        let status = |h: &mut HealthClient<tonic::transport::Channel>| {
+            let mut h = h.clone();
+            async move {
+                h.check(HealthCheckRequest {
+                    service: "tally.v1.Query".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+            }
+        };
+        let wait = |want: ServingStatus, h: &mut HealthClient<tonic::transport::Channel>| {
+            let h = h.clone();
+            async move {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+                let mut h = h;
+                while status(&mut h).await != want as i32 {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "health never became {want:?}"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        };
+        wait(ServingStatus::Serving, &mut h).await;
+        let publish = |id: &str| {
+            let mut i = IngestClient::new(ch.clone());
+            let key = keys.ingest.clone();
+            let e = event(id, "claro", "p1", "1.00", "2026-11-16T10:00:00Z");
+            async move {
+                let msgs = vec![pb::PublishRequest {
+                    sequence: 1,
+                    event: e,
+                }];
+                let mut s = i
+                    .publish(req(tokio_stream::iter(msgs), Some(&key)))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                s.message().await
+            }
+        };
+        publish("h1").await.unwrap().unwrap();
+        redis.stop(true);
+        let pending = tokio::spawn(publish("h2"));
+        wait(ServingStatus::NotServing, &mut h).await;
+        let mut q = QueryClient::new(ch.clone());
+        let r = q
+            .list_windows(req(
+                pb::ListWindowsRequest {
+                    view: "provider_window".into(),
+                    window: "1h".into(),
+                    from: Some(ts(START)),
+                    to: Some(ts(START + DAY)),
+                    ..Default::default()
+                },
+                Some(&keys.claro),
+            ))
+            .await;
+        assert_eq!(r.unwrap_err().code(), Code::Unavailable);
+        redis.start_again();
+        wait(ServingStatus::Serving, &mut h).await;
+        let ack = pending.await.unwrap().unwrap().unwrap();
+        assert_eq!(ack.status, pb::publish_ack::Status::Committed as i32);
     });
     t.stop();
 }
