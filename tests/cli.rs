@@ -375,3 +375,48 @@ fn metrics_during_a_run_count_what_was_sent() {
     assert!(common::metric(&m, "tally_state_entries{stage=\"rows\"}") > 0.0);
     assert!(common::metric(&m, "tally_state_entries{stage=\"voids\"}") > 0.0);
 }
+
+/// The main job: `tally demo` publishes a generated stream over gRPC, serves it, asks
+/// claro's questions over gRPC, and every event read was acknowledged.
+#[test]
+fn the_demo_publishes_over_grpc_and_answers_queries() {
+    let out = ok(&[
+        "demo",
+        "--seconds",
+        "3",
+        "--rate",
+        "2000",
+        "--grpc-addr",
+        "127.0.0.1:0",
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    // The numbers of the line that starts with `prefix`.
+    let nums = |prefix: &str| -> Vec<u64> {
+        let l = text
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no '{prefix}' in {text}"));
+        l.split(|c: char| !c.is_ascii_digit())
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse().unwrap())
+            .collect()
+    };
+    // "Published over gRPC: C events acknowledged as committed, D as dead letters."
+    let (committed, dead) = (
+        nums("Published over gRPC")[0],
+        nums("Published over gRPC")[1],
+    );
+    // "Stopped after E epochs: R records read, ..."
+    let read = nums("Stopped after ")[1];
+    assert!(committed > 1000, "{text}");
+    assert_eq!(
+        committed + dead,
+        read,
+        "every event read was acknowledged: {text}"
+    );
+    assert!(
+        text.contains("Summarize, last 2 hours") && text.contains("TopProducts today: #1"),
+        "{text}"
+    );
+    assert!(text.contains("tally query windows"), "{text}");
+}
