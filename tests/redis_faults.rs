@@ -240,7 +240,10 @@ fn redis_stopped_twice_mid_run_pauses_commits_then_catches_up_exactly() {
     let m = scrape(&metrics_addr);
     assert_eq!(metric(&m, "tally_store_up"), 1.0, "{m}");
     assert_eq!(metric(&m, "tally_store_outage_seconds_count"), 2.0, "{m}");
-    assert!(metric(&m, "tally_store_outage_seconds_sum") >= 3.0, "{m}");
+    // Redis was down 1.5 s each time; an outage counts from the first commit that
+    // fails (up to an epoch, 200 ms, plus the commit after the stop) to the one that
+    // lands after the restart: over 1 s each, whatever the timing.
+    assert!(metric(&m, "tally_store_outage_seconds_sum") >= 2.0, "{m}");
     assert_eq!(metric(&m, "tally_epochs_pending"), 0.0, "{m}");
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -466,7 +466,6 @@ impl Server {
             ingest,
             closing,
         });
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("tally-grpc".into())
             .spawn(move || {
@@ -475,11 +474,9 @@ impl Server {
                     if let Err(e) = &r {
                         tracing::error!(error = %e, "gRPC server failed");
                     }
-                    let _ = ready_tx.send(());
                 });
             })
             .context("spawning the gRPC thread")?;
-        drop(ready_rx);
         tracing::info!(%addr, tls = cfg.tls.is_some(), "serving gRPC");
         Ok(Server {
             addr,

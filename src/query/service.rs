@@ -335,6 +335,23 @@ impl Watched {
 
 const SNAPSHOT_CHUNK: usize = 500;
 
+/// Waits for the next commit. False when the stream is over: the client left, or
+/// the server is stopping (the client is then told UNAVAILABLE).
+async fn next_commit<T>(
+    epochs: &mut tokio::sync::watch::Receiver<u64>,
+    closing: &mut tokio::sync::watch::Receiver<bool>,
+    tx: &tokio::sync::mpsc::Sender<Result<T, Status>>,
+) -> bool {
+    tokio::select! {
+        r = epochs.changed() => r.is_ok(),
+        _ = async { let _ = closing.wait_for(|c| *c).await; } => {
+            let _ = tx.send(Err(QueryError::ShuttingDown.into())).await;
+            false
+        }
+        _ = tx.closed() => false,
+    }
+}
+
 impl QueryService {
     /// Sends a snapshot; returns its epoch.
     async fn snapshot(
@@ -444,16 +461,8 @@ impl QueryService {
                     }
                 },
             }
-            if api.hub.epoch() > last {
-                continue;
-            }
-            tokio::select! {
-                r = epochs.changed() => if r.is_err() { return },
-                _ = async { let _ = closing.wait_for(|c| *c).await; } => {
-                    let _ = tx.send(Err(QueryError::ShuttingDown.into())).await;
-                    return;
-                }
-                _ = tx.closed() => return,
+            if api.hub.epoch() <= last && !next_commit(&mut epochs, &mut closing, &tx).await {
+                return;
             }
         }
     }
@@ -530,16 +539,8 @@ impl Query for QueryService {
                     }
                 }
                 last = last.max(now);
-                if api.hub.epoch() > last {
-                    continue;
-                }
-                tokio::select! {
-                    r = epochs.changed() => if r.is_err() { return },
-                    _ = async { let _ = closing.wait_for(|c| *c).await; } => {
-                        let _ = tx.send(Err(QueryError::ShuttingDown.into())).await;
-                        return;
-                    }
-                    _ = tx.closed() => return,
+                if api.hub.epoch() <= last && !next_commit(&mut epochs, &mut closing, &tx).await {
+                    return;
                 }
             }
         });

@@ -2,10 +2,10 @@
 //!
 //! An input is a JSON Lines file, a directory of them (read in name order), stdin,
 //! the built-in generator ([`gen`]), or records the process hands over itself
-//! ([`channel`], for gRPC Publish; its position is a record count). Each input is read by its own thread, which splits
-//! lines, decodes them (decode is pure and per line, so it runs beside the dataflow) and
-//! sends batches to the ingest loop over a bounded channel: a slow dataflow blocks the
-//! readers (backpressure). A reader starts at the committed offset of each of its files.
+//! ([`channel`], for gRPC Publish; its position is a record count). Each input is
+//! read by its own thread, which splits lines, decodes them (decode is pure and per
+//! line, so it runs beside the dataflow) and sends batches to the ingest loop over a
+//! bounded channel: a slow dataflow blocks the readers (backpressure). A reader starts at the committed offset of each of its files.
 //! With `follow`, the last file of an input is tailed as it grows; an incomplete last
 //! line is only read once its newline arrives.
 
