@@ -577,8 +577,7 @@ impl Watcher {
 }
 
 /// Publish acknowledgements, Watch in order with resume, and resume across a restart.
-#[test]
-fn publish_and_watch() {
+fn publish_and_watch(store: StoreConfig) {
     let dir = tempfile::tempdir().unwrap();
     let keys = Keys::create(dir.path());
     let data = dir.path().join("data");
@@ -587,13 +586,7 @@ fn publish_and_watch() {
         .view("product_window")
         .unwrap()
         .clone();
-    let t = Tally::start(
-        &data,
-        vec![],
-        StoreConfig::Embedded,
-        &keys.path,
-        Limits::default(),
-    );
+    let t = Tally::start(&data, vec![], store.clone(), &keys.path, Limits::default());
     let watch_req = |resume: Option<u64>| pb::WatchRequest {
         view: "product_window".into(),
         window: "1h".into(),
@@ -705,13 +698,7 @@ fn publish_and_watch() {
     t.stop();
 
     // A restart, then more events: resuming sends only the epochs after the last seen.
-    let t = Tally::start(
-        &data,
-        vec![],
-        StoreConfig::Embedded,
-        &keys.path,
-        Limits::default(),
-    );
+    let t = Tally::start(&data, vec![], store.clone(), &keys.path, Limits::default());
     rt.block_on(async {
         let ch = channel(&t.addr).await;
         let mut q = QueryClient::new(ch.clone());
@@ -748,7 +735,7 @@ fn publish_and_watch() {
     assert_eq!(w.snapshots, 1, "one snapshot, at the start");
     t.stop();
     // What the watcher holds is what the store holds.
-    let export = export_by_provider(&StoreConfig::Embedded, &data);
+    let export = export_by_provider(&store, &data);
     let want: BTreeSet<String> = export["claro"]
         .iter()
         .filter(|l| l.contains("\"product_window\"") && l.contains("\"1h\""))
@@ -756,6 +743,17 @@ fn publish_and_watch() {
         .collect();
     let got: BTreeSet<String> = w.rows.values().cloned().collect();
     assert_eq!(got, want);
+}
+
+#[test]
+fn publish_and_watch_embedded() {
+    publish_and_watch(StoreConfig::Embedded);
+}
+
+#[test]
+fn publish_and_watch_redis() {
+    let redis = RedisServer::start();
+    publish_and_watch(StoreConfig::Redis(Box::new(RedisConfig::new(redis.url()))));
 }
 
 /// The venv's Python, with grpcio-tools (installed by scripts/deps.sh).
