@@ -294,7 +294,6 @@ pub(crate) fn row(
     rank: u32,
     value: Option<&RowValue>,
 ) -> pb::Row {
-    let tz = p.time_zone(&key.group[0]);
     let group = view
         .group_by
         .iter()
@@ -313,7 +312,10 @@ pub(crate) fn row(
         view: view.name.clone(),
         window: key.size.label(),
         window_start: Some(timestamp(key.start)),
-        window_end: Some(timestamp(window_end(key.size, tz, key.start))),
+        window_end: Some(timestamp(match key.size {
+            WindowSize::Fixed(len) => key.start + len,
+            WindowSize::LocalDay => window_end(key.size, p.time_zone(&key.group[0]), key.start),
+        })),
         group,
         metrics,
         rank: if view.top_k.is_some() { rank } else { 0 },
@@ -346,15 +348,38 @@ impl Api {
         to: Millis,
         filter: &Filter,
     ) -> Result<(Vec<crate::store::StoredRow>, u64), QueryError> {
+        self.read_page(tenant, view, size, from, to, filter, None, usize::MAX)
+            .await
+    }
+
+    /// As [`Api::read`], only the rows after `after` (window start, group, rank),
+    /// at most `limit` of them. The embedded store's index is walked only that far.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn read_page(
+        &self,
+        tenant: &keys::Tenant,
+        view: u16,
+        size: WindowSize,
+        from: Millis,
+        to: Millis,
+        filter: &Filter,
+        after: Option<&(Millis, Vec<compact_str::CompactString>, u32)>,
+        limit: usize,
+    ) -> Result<(Vec<crate::store::StoredRow>, u64), QueryError> {
         if from >= to {
             return Ok((Vec::new(), self.hub.epoch()));
         }
+        let past = |k: &RowKey, rank: u32| match after {
+            Some((s, g, r)) => (k.start, &k.group, rank) > (*s, g, *r),
+            None => true,
+        };
         match &self.backend {
             Backend::Memory => {
                 let (rows, epoch) = self.hub.with_rows(tenant.provider(), |rows| {
                     rows.map(|r| {
                         hub::range(r, view, size, from, to)
-                            .filter(|((k, _), _)| filter.matches(&k.group))
+                            .filter(|((k, rank), _)| filter.matches(&k.group) && past(k, *rank))
+                            .take(limit)
                             .map(|(k, v)| (k.clone(), v.clone()))
                             .collect::<Vec<_>>()
                     })
@@ -410,6 +435,11 @@ impl Api {
                 })
                 .await
                 .map_err(|e| QueryError::Internal(e.to_string()))??;
+                let rows = rows
+                    .into_iter()
+                    .filter(|((k, rank), _)| past(k, *rank))
+                    .take(limit)
+                    .collect();
                 Ok((rows, epoch))
             }
         }

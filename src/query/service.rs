@@ -113,35 +113,39 @@ impl QueryService {
             Some(decode_token(&r.page_token, fp)?)
         };
         let read_from = after.as_ref().map_or(from, |t| t.start.max(from));
-        let (rows, epoch) = api.read(tenant, vi, size, read_from, to, &filter).await?;
         let after_key = after.map(|t| {
             let mut g: Vec<CompactString> = vec![tenant.provider().into()];
             g.extend(t.group.into_iter().map(CompactString::from));
             (t.start, g, t.rank)
         });
-        let mut out = Vec::with_capacity(page.min(rows.len()));
-        let mut next = String::new();
-        let mut iter = rows
+        // One more than the page: whether there is a next page.
+        let (rows, epoch) = api
+            .read_page(
+                tenant,
+                vi,
+                size,
+                read_from,
+                to,
+                &filter,
+                after_key.as_ref(),
+                page + 1,
+            )
+            .await?;
+        let more = rows.len() > page;
+        let out: Vec<pb::Row> = rows
             .iter()
-            .filter(|((k, rank), _)| match &after_key {
-                Some((s, g, r)) => (k.start, &k.group, *rank) > (*s, g, *r),
-                None => true,
-            })
-            .peekable();
-        while let Some(((k, rank), v)) = iter.next() {
-            out.push(row(&api.pipeline, view, k, *rank, Some(v)));
-            if out.len() == page {
-                if iter.peek().is_some() {
-                    next = encode_token(&PageToken {
-                        fp,
-                        start: k.start,
-                        group: k.group.iter().skip(1).map(|g| g.to_string()).collect(),
-                        rank: *rank,
-                    });
-                }
-                break;
-            }
-        }
+            .take(page)
+            .map(|((k, rank), v)| row(&api.pipeline, view, k, *rank, Some(v)))
+            .collect();
+        let next = match rows.get(page.saturating_sub(1)) {
+            Some(((k, rank), _)) if more => encode_token(&PageToken {
+                fp,
+                start: k.start,
+                group: k.group.iter().skip(1).map(|g| g.to_string()).collect(),
+                rank: *rank,
+            }),
+            _ => String::new(),
+        };
         Ok(pb::ListWindowsResponse {
             rows: out,
             next_page_token: next,
