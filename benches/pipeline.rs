@@ -26,56 +26,14 @@ use tally::source::Input;
 use tally::store::redis::{RedisConfig, RedisStore};
 use tally::store::StoreConfig;
 
-/// A `redis-server` on a free loopback port, killed on drop (its directory with it).
-struct Redis(
-    std::process::Child,
-    u16,
-    #[allow(dead_code)] tempfile::TempDir,
-);
+mod common;
+use common::Redis;
 
-impl Redis {
-    fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = tempfile::tempdir().unwrap();
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", "yes", "--appendfsync", "everysec", "--dir"])
-            .arg(dir.path())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH (bash scripts/deps.sh installs it)");
-        let r = Redis(child, port, dir);
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(start.elapsed().as_secs() < 20, "redis-server did not start");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        r
-    }
-
-    fn config(&self, namespace: &str) -> RedisConfig {
-        let mut c = RedisConfig::new(format!("redis://127.0.0.1:{}", self.1));
-        c.namespace = namespace.to_owned();
-        c
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// A store config for a namespace of `r`.
+fn redis_config(r: &Redis, namespace: &str) -> RedisConfig {
+    let mut c = RedisConfig::new(r.url());
+    c.namespace = namespace.to_owned();
+    c
 }
 
 /// The p-th percentile (0..=100) of sorted milliseconds.
@@ -189,13 +147,13 @@ fn main() {
             let runs = arg(&args, "--runs", 1);
             let use_redis = args.iter().any(|a| a == "--redis");
             let file = data_file(events);
-            let redis = use_redis.then(Redis::start);
+            let redis = use_redis.then(|| Redis::start(true));
             for run_ix in 0..runs {
                 let ns = format!("bench{run_ix}");
                 let streams = args.iter().any(|a| a == "--changes-stream");
                 let store = match &redis {
                     Some(r) => {
-                        let mut c = r.config(&ns);
+                        let mut c = redis_config(r, &ns);
                         c.changes_stream = streams.then_some(10_000);
                         StoreConfig::Redis(Box::new(c))
                     }
@@ -222,7 +180,7 @@ fn main() {
                     pct(&inside, 99.0),
                 );
                 if let Some(r) = &redis {
-                    let mut s = RedisStore::open_reader(r.config(&ns)).unwrap();
+                    let mut s = RedisStore::open_reader(redis_config(r, &ns)).unwrap();
                     for (view, (bytes, rows, keys)) in s.memory_usage().unwrap() {
                         println!(
                             "redis_memory view={view} rows={rows} window_keys={keys} bytes={bytes} bytes_per_row={:.0}",

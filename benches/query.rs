@@ -34,44 +34,8 @@ use tally::store::redis::{RedisConfig, RedisReader};
 use tally::store::StoreConfig;
 use tonic::metadata::MetadataValue;
 
-/// A `redis-server` on a free loopback port (no persistence), killed on drop.
-struct Redis(std::process::Child, u16);
-
-impl Redis {
-    fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args(["--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH (bash scripts/deps.sh installs it)");
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(start.elapsed().as_secs() < 20, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Redis(child, port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod common;
+use common::Redis;
 
 struct Served {
     addr: String,
@@ -115,10 +79,10 @@ fn serve(dir: &Path, redis: bool, events: u64, epoch: Option<Duration>) -> Serve
     )
     .unwrap();
     let (ingest_key, _) = keys::add(&keys_path, Role::Ingest, "bench").unwrap();
-    let redis_server = redis.then(Redis::start);
+    let redis_server = redis.then(|| Redis::start(false));
     let (store, backend, indexed) = match &redis_server {
         Some(r) => {
-            let mut c = RedisConfig::new(format!("redis://127.0.0.1:{}", r.1));
+            let mut c = RedisConfig::new(r.url());
             c.pool_size = 64;
             // The events are a week old: keep their minute windows.
             c.ttl = vec![(
