@@ -110,6 +110,7 @@ fn run_on(
         until_eof: true,
         stop: Arc::new(AtomicBool::new(false)),
         feed: None,
+        cluster: None,
     };
     let start = Instant::now();
     ingest::run(cfg, observe).unwrap();

@@ -137,6 +137,7 @@ fn serve(dir: &Path, redis: bool, events: u64, epoch: Option<Duration>) -> Serve
         until_eof: false,
         stop: Arc::clone(&stop),
         feed: Some(hub.clone()),
+        cluster: None,
     };
     let run = std::thread::spawn(move || {
         ingest::run(cfg, |_| {}).unwrap();

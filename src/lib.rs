@@ -5,6 +5,7 @@
 //!   -> decode + validate            decode         bad records -> dead letters (reason)
 //!   -> epochs, watermark            ingest         cut by time and size; backpressure
 //!   -> timely dataflow, N workers   dataflow       dedup -> voids -> windows -> rows
+//!      (one process or a cluster)                  (dataflow::cluster: timely networking)
 //!   -> committer                    ingest         staging log + dead letters + one
 //!                                                  atomic store commit per epoch
 //!   -> store (embedded | Redis)     store          rows, positions, counters; export
@@ -17,7 +18,8 @@
 //! - [`pipeline`]: pipeline files (views, lateness, horizon, epochs, time zones).
 //! - [`source`]: JSON Lines files, directories, stdin; the event generator.
 //! - [`ingest`]: the run loop: reading, epochs, the committer, restart.
-//! - [`dataflow`]: the timely dataflow (the only user of timely and differential).
+//! - [`dataflow`]: the timely dataflow (the only user of timely and differential), in
+//!   one process or a cluster of processes.
 //! - [`store`]: the store interface, the embedded and Redis stores, the export format.
 //! - [`query`]: the gRPC API (Query, Ingest, Admin, health, reflection), API keys.
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.

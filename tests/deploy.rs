@@ -194,3 +194,111 @@ fn the_image_is_built_in_stages_and_runs_as_a_user() {
     let sec = &sts[0]["spec"]["template"]["spec"]["securityContext"];
     assert_eq!(sec["runAsNonRoot"].as_bool(), Some(true));
 }
+
+/// The StatefulSet, its `--processes`, the hosts ConfigMap and the headless Service
+/// describe the same cluster: one hosts line per replica, pod i's stable name on
+/// line i at the timely port; the process index comes from the pod index; the gRPC
+/// API Service reaches process 0 alone.
+#[test]
+fn the_cluster_manifests_agree() {
+    let sts = &yaml_docs(&root().join("deploy/k8s/statefulset.yaml"))[0];
+    let replicas = sts["spec"]["replicas"].as_u64().unwrap() as usize;
+    assert!(replicas >= 2, "a multi-process cluster");
+    assert_eq!(
+        sts["spec"]["podManagementPolicy"].as_str(),
+        Some("Parallel")
+    );
+    let name = sts["metadata"]["name"].as_str().unwrap();
+    let service = sts["spec"]["serviceName"].as_str().unwrap();
+    let pod = &sts["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let args: Vec<&str> = c["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let flag = |f: &str| args[args.iter().position(|a| *a == f).unwrap() + 1];
+    assert_eq!(flag("--processes").parse::<usize>().unwrap(), replicas);
+    let process = c["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"].as_str() == Some("TALLY_PROCESS"))
+        .expect("TALLY_PROCESS set");
+    assert_eq!(
+        process["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+        Some("metadata.labels['apps.kubernetes.io/pod-index']")
+    );
+    let port = c["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"].as_str() == Some("timely"))
+        .expect("a timely port")["containerPort"]
+        .as_u64()
+        .unwrap();
+
+    // The hosts file, as mounted at the --hosts path.
+    let hosts_path = Path::new(flag("--hosts"));
+    let mount = c["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| hosts_path.starts_with(m["mountPath"].as_str().unwrap()))
+        .expect("--hosts is mounted");
+    let volume = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    let cm_name = volume["configMap"]["name"].as_str().unwrap();
+    let cms = yaml_docs(&root().join("deploy/k8s/configmap.yaml"));
+    let cm = cms
+        .iter()
+        .find(|d| d["metadata"]["name"].as_str() == Some(cm_name))
+        .expect("the hosts ConfigMap");
+    let key = hosts_path.file_name().unwrap().to_str().unwrap();
+    let hosts: Vec<&str> = cm["data"][key]
+        .as_str()
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .collect();
+    let want: Vec<String> = (0..replicas)
+        .map(|i| format!("{name}-{i}.{service}:{port}"))
+        .collect();
+    assert_eq!(hosts, want);
+    // And tally itself accepts that file for every process.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("hosts");
+    std::fs::write(&file, cm["data"][key].as_str().unwrap()).unwrap();
+    for i in 0..replicas {
+        tally::dataflow::Cluster::from_hosts_file(&file, replicas, i, Default::default()).unwrap();
+    }
+
+    let services = yaml_docs(&root().join("deploy/k8s/service.yaml"));
+    let headless = services
+        .iter()
+        .find(|s| s["metadata"]["name"].as_str() == Some(service))
+        .unwrap();
+    assert_eq!(headless["spec"]["clusterIP"].as_str(), Some("None"));
+    assert_eq!(
+        headless["spec"]["publishNotReadyAddresses"].as_bool(),
+        Some(true)
+    );
+    assert!(headless["spec"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|p| p["port"].as_u64() == Some(port)));
+    let grpc = services
+        .iter()
+        .find(|s| s["metadata"]["name"].as_str() == Some("tally-grpc"))
+        .unwrap();
+    assert_eq!(
+        grpc["spec"]["selector"]["statefulset.kubernetes.io/pod-name"].as_str(),
+        Some(format!("{name}-0").as_str())
+    );
+}

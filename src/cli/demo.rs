@@ -162,6 +162,7 @@ pub fn demo(a: DemoArgs) -> Result<Exit> {
         until_eof: false,
         stop: Arc::clone(&stop),
         feed: Some(hub.clone()),
+        cluster: None,
     };
     // The upstream system: generated events published over gRPC at the rate.
     let publisher = {

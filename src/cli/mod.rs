@@ -114,6 +114,56 @@ pub struct RunArgs {
     pub grpc: GrpcArgs,
     #[command(flatten)]
     pub store: StoreArgs,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// One timely cluster across processes (scale-out). Process 0 reads the inputs,
+/// commits and serves the gRPC API; the others run their share of the dataflow's
+/// workers (--workers each) and ignore inputs, store and gRPC flags. Start every
+/// process with the same pipeline, --workers and hosts file; they wait for each
+/// other. When one dies, all stop: start them all again.
+#[derive(Args, Debug, Clone)]
+pub struct ClusterArgs {
+    /// Processes in the cluster.
+    #[arg(long, env = "TALLY_PROCESSES", default_value_t = 1)]
+    pub processes: usize,
+    /// This process's index, from 0 to --processes - 1 (e.g. a StatefulSet pod's index).
+    #[arg(long, env = "TALLY_PROCESS", default_value_t = 0)]
+    pub process: usize,
+    /// The cluster's hosts file: one host:port per line, process i's on line i
+    /// (blank lines and # comments skipped). Each process listens on its own.
+    #[arg(long, env = "TALLY_HOSTS")]
+    pub hosts: Option<PathBuf>,
+    /// How long to wait for every process of the cluster to connect.
+    #[arg(long, default_value = "5m")]
+    pub cluster_timeout: String,
+}
+
+impl ClusterArgs {
+    /// The cluster these flags describe; `None` for one process.
+    fn cluster(&self) -> Result<Option<crate::dataflow::Cluster>> {
+        if self.processes <= 1 {
+            anyhow::ensure!(
+                self.process == 0,
+                "--process {} needs --processes above it (and --hosts)",
+                self.process
+            );
+            return Ok(None);
+        }
+        let hosts = self
+            .hosts
+            .as_deref()
+            .with_context(|| format!("--processes {} needs --hosts FILE", self.processes))?;
+        let timeout = crate::pipeline::parse_duration(&self.cluster_timeout)
+            .map_err(|e| anyhow::anyhow!("--cluster-timeout '{}': {e}", self.cluster_timeout))?;
+        Ok(Some(crate::dataflow::Cluster::from_hosts_file(
+            hosts,
+            self.processes,
+            self.process,
+            timeout,
+        )?))
+    }
 }
 
 /// The gRPC API, served by `run` with --grpc-addr.
@@ -309,13 +359,21 @@ pub fn default_workers() -> usize {
 /// once. Either way nothing is lost: what was not committed is read again at the
 /// next start.
 pub fn stop_on_signal(deadline: Option<std::time::Duration>) -> Arc<AtomicBool> {
+    on_signal(
+        deadline,
+        "stopping: committing what was read (signal again to abort)",
+    )
+}
+
+/// [`stop_on_signal`], saying `what` at the first signal.
+fn on_signal(deadline: Option<std::time::Duration>, what: &'static str) -> Arc<AtomicBool> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
     let _ = ctrlc::set_handler(move || {
         if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("stopping: committing what was read (signal again to abort)");
+        eprintln!("{what}");
         if let Some(d) = deadline {
             let _ = std::thread::Builder::new()
                 .name("tally-deadline".into())
@@ -373,6 +431,10 @@ pub fn dispatch(cli: Cli) -> Result<Exit> {
 
 fn run(a: RunArgs) -> Result<Exit> {
     let pipeline = Arc::new(load_pipeline(a.pipeline.as_deref())?);
+    let cluster = a.cluster.cluster()?;
+    if let Some(c) = cluster.as_ref().filter(|c| c.process > 0) {
+        return follow(&a, pipeline, c);
+    }
     let (mut inputs, follow) = if a.inputs.is_empty() {
         let mut inputs = Vec::new();
         let mut follow = a.follow;
@@ -459,6 +521,7 @@ fn run(a: RunArgs) -> Result<Exit> {
                 .map_err(|e| anyhow::anyhow!("--shutdown-timeout '{}': {e}", a.shutdown_timeout))?,
         )),
         feed,
+        cluster,
     };
     let progress = a.progress;
     let summary = ingest::run(cfg, move |r| {
@@ -489,6 +552,48 @@ fn run(a: RunArgs) -> Result<Exit> {
     if let Some(path) = &a.export {
         export_store(&store, &a.data_dir, Some(path))?;
     }
+    Ok(Exit::Ok)
+}
+
+/// `run` on a cluster process other than 0: compute until the leader finishes.
+fn follow(a: &RunArgs, pipeline: Arc<Pipeline>, c: &crate::dataflow::Cluster) -> Result<Exit> {
+    if let Some(addr) = &a.metrics_addr {
+        crate::metrics::serve(addr).with_context(|| format!("--metrics-addr {addr}"))?;
+    }
+    if !a.inputs.is_empty() || a.store.redis.is_some() || a.export.is_some() {
+        tracing::info!(
+            process = c.process,
+            "inputs, the store, exports and the gRPC API belong to process 0: ignored here \
+             (this process serves only the gRPC health service on --grpc-addr)"
+        );
+    }
+    // A signal does not stop a follower: the cluster ends when the leader has
+    // committed what it read. The shutdown deadline still bounds the wait.
+    let _ = on_signal(
+        Some(
+            crate::pipeline::parse_duration(&a.shutdown_timeout)
+                .map_err(|e| anyhow::anyhow!("--shutdown-timeout '{}': {e}", a.shutdown_timeout))?,
+        ),
+        "stopping once process 0 has committed what it read (signal again to abort)",
+    );
+    let workers = a.workers.unwrap_or_else(default_workers);
+    // The same readiness probe as process 0's: SERVING while in the cluster.
+    let health = a
+        .grpc
+        .grpc_addr
+        .as_deref()
+        .map(crate::query::HealthServer::start)
+        .transpose()?;
+    let result = ingest::follow(pipeline, workers, c, || {
+        if let Some(h) = &health {
+            h.set(true);
+        }
+    });
+    if let Some(h) = health {
+        h.stop();
+    }
+    result?;
+    tracing::info!(process = c.process, "the cluster finished");
     Ok(Exit::Ok)
 }
 

@@ -38,6 +38,7 @@ pub fn validate(file: &Path, pipeline: Option<&Path>, examples: usize) -> Result
         until_eof: true,
         stop: Arc::new(AtomicBool::new(false)),
         feed: None,
+        cluster: None,
     };
     let summary = ingest::run(cfg, |_| {})?;
     let store = crate::store::embedded::EmbeddedStore::open(scratch.path())?;

@@ -24,6 +24,7 @@
 
 mod admit;
 pub mod aggregate;
+pub mod cluster;
 mod voids;
 
 use crate::decode::Reason;
@@ -40,6 +41,7 @@ use timely::dataflow::operators::Capability;
 use timely::dataflow::{InputHandleVec as InputHandle, Stream};
 
 pub use aggregate::{RowKey, RowUpdate, RowValue, Sums};
+pub use cluster::{Cluster, ClusterError};
 
 /// Logical time: the epoch number.
 pub type Epoch = u64;
@@ -112,7 +114,7 @@ impl Rules {
     }
 }
 
-/// A running dataflow on `workers` threads.
+/// A running dataflow on `workers` threads (per process, in a cluster).
 pub struct Dataflow {
     inputs: Vec<Sender<ToWorker>>,
     next: usize,
@@ -122,64 +124,121 @@ pub struct Dataflow {
 impl Dataflow {
     /// Starts the workers; their inputs begin at epoch `first`. Each worker sends one
     /// [`EpochOutput`] per epoch to `outputs`.
+    ///
+    /// In a cluster (see [`cluster`]) this first connects to every other process. On
+    /// the leader (process 0) the returned handle takes records as in one process, and
+    /// every epoch's outputs reach `outputs` (all of them through worker 0, each local
+    /// worker still reporting every epoch). On the other processes it takes no
+    /// records; [`Dataflow::finish`] returns once the leader has finished.
     pub fn start(
         pipeline: Arc<Pipeline>,
         workers: usize,
         first: Epoch,
         outputs: Sender<EpochOutput>,
-    ) -> Dataflow {
+        cluster: Option<&Cluster>,
+    ) -> Result<Dataflow, ClusterError> {
+        use timely::communication::allocator::{AllocatorBuilder, ProcessBuilder};
         let workers = workers.max(1);
-        let (txs, rxs): (Vec<_>, Vec<_>) = (0..workers)
+        cluster::watch_failures();
+        let leader = cluster.is_none_or(|c| c.process == 0);
+        let (builders, others): (Vec<AllocatorBuilder>, Box<dyn std::any::Any + Send>) =
+            match cluster {
+                None => timely::CommunicationConfig::Process(workers)
+                    .try_build()
+                    .expect("timely process allocators"),
+                Some(c) => {
+                    let sockets = c.connect(workers, semantics_digest(&pipeline))?;
+                    let hooks = timely::communication::Hooks::default();
+                    let local = ProcessBuilder::new_typed_vector(
+                        workers,
+                        hooks.refill.clone(),
+                        hooks.spill.clone(),
+                    );
+                    let (tcp, guard) = timely::communication::allocator::zero_copy::initialize::initialize_networking_from_sockets(
+                        local, sockets, c.process, workers, hooks,
+                    )
+                    .map_err(|e| ClusterError::Connect {
+                        process: c.process,
+                        reason: format!("starting timely networking: {e}"),
+                    })?;
+                    (
+                        tcp.into_iter().map(AllocatorBuilder::Tcp).collect(),
+                        Box::new(guard),
+                    )
+                }
+            };
+        let to_leader = cluster.is_some();
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..if leader { workers } else { 0 })
             .map(|_| crossbeam_channel::bounded::<ToWorker>(64))
             .unzip();
         let rxs: Arc<Vec<Receiver<ToWorker>>> = Arc::new(rxs);
-        let guards = timely::execute(timely::Config::process(workers), move |worker| {
-            let index = worker.index();
-            let rx = rxs[index].clone();
-            let outputs = outputs.clone();
-            let mut records: InputHandle<Epoch, Record> = InputHandle::new();
-            let mut ticks: InputHandle<Epoch, Millis> = InputHandle::new();
-            let pipeline = Arc::clone(&pipeline);
-            worker.dataflow::<Epoch, _, _>(|scope| {
-                let recs = records.to_stream(scope);
-                let clock = ticks.to_stream(scope);
-                let out = build(&pipeline, recs, clock.clone());
-                sink(out, clock, index, outputs);
-            });
-            records.advance_to(first);
-            ticks.advance_to(first);
-            let mut open = true;
-            while open {
-                loop {
-                    match rx.try_recv() {
-                        Ok(ToWorker::Records(e, mut batch)) => {
-                            debug_assert_eq!(e, *records.time());
-                            records.send_batch(&mut batch);
-                        }
-                        Ok(ToWorker::Close { epoch, clock }) => {
-                            ticks.send(clock);
-                            records.advance_to(epoch + 1);
-                            ticks.advance_to(epoch + 1);
-                        }
-                        Err(crossbeam_channel::TryRecvError::Empty) => break,
-                        Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                            open = false;
-                            break;
+        let guards = timely::execute::execute_from(
+            builders,
+            others,
+            timely::WorkerConfig::default(),
+            move |worker| {
+                let index = worker.index();
+                // The leader's workers are 0..workers; the others take no input.
+                let rx = rxs.get(index).cloned();
+                let outputs = outputs.clone();
+                let mut records: InputHandle<Epoch, Record> = InputHandle::new();
+                let mut ticks: InputHandle<Epoch, Millis> = InputHandle::new();
+                let pipeline = Arc::clone(&pipeline);
+                worker.dataflow::<Epoch, _, _>(|scope| {
+                    use timely::dataflow::operators::vec::Broadcast;
+                    let recs = records.to_stream(scope);
+                    // Worker 0 alone sends each epoch's clock; every worker gets it.
+                    let clock = ticks.to_stream(scope).broadcast();
+                    let out = build(&pipeline, recs, clock.clone());
+                    if to_leader {
+                        sink(out, clock, Exchange::new(|_: &Out| 0), index, outputs);
+                    } else {
+                        sink(out, clock, Local, index, outputs);
+                    }
+                });
+                let Some(rx) = rx else {
+                    drop(records);
+                    drop(ticks);
+                    while worker.step_or_park(None) {}
+                    return;
+                };
+                records.advance_to(first);
+                ticks.advance_to(first);
+                let mut open = true;
+                while open {
+                    loop {
+                        match rx.try_recv() {
+                            Ok(ToWorker::Records(e, mut batch)) => {
+                                debug_assert_eq!(e, *records.time());
+                                records.send_batch(&mut batch);
+                            }
+                            Ok(ToWorker::Close { epoch, clock }) => {
+                                if index == 0 {
+                                    ticks.send(clock);
+                                }
+                                records.advance_to(epoch + 1);
+                                ticks.advance_to(epoch + 1);
+                            }
+                            Err(crossbeam_channel::TryRecvError::Empty) => break,
+                            Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                                open = false;
+                                break;
+                            }
                         }
                     }
+                    worker.step_or_park(Some(Duration::from_millis(1)));
                 }
-                worker.step_or_park(Some(Duration::from_millis(1)));
-            }
-            drop(records);
-            drop(ticks);
-            while worker.step() {}
-        })
+                drop(records);
+                drop(ticks);
+                while worker.step() {}
+            },
+        )
         .expect("timely workers start");
-        Dataflow {
+        Ok(Dataflow {
             inputs: txs,
             next: 0,
             guards: Some(guards),
-        }
+        })
     }
 
     pub fn workers(&self) -> usize {
@@ -207,15 +266,39 @@ impl Dataflow {
 
     /// Closes the inputs and waits for the workers to finish.
     pub fn finish(mut self) {
-        self.inputs.clear();
-        if let Some(g) = self.guards.take() {
-            for r in g.join() {
-                if let Err(e) = r {
-                    panic!("a dataflow worker failed: {e}");
-                }
-            }
+        if let Err(e) = self.join() {
+            panic!("{e}");
         }
     }
+
+    /// Closes the inputs and waits for the workers to finish; the first worker's
+    /// failure (in a cluster: also a lost connection to another process) as an error.
+    pub fn join(&mut self) -> Result<(), String> {
+        self.inputs.clear();
+        let Some(g) = self.guards.take() else {
+            return Ok(());
+        };
+        // Joining also joins timely's network threads, which panics when one failed.
+        let failed = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| g.join())) {
+            Ok(results) => results.iter().any(|r| r.is_err()),
+            Err(_) => true,
+        };
+        if failed {
+            let why = cluster::first_failure().unwrap_or_else(|| "a worker panicked".into());
+            return Err(format!("the dataflow failed: {why}"));
+        }
+        Ok(())
+    }
+}
+
+/// A digest of what the dataflow's results depend on in a pipeline (views, lateness,
+/// horizon, zones), the same in every process of a cluster that runs the same one.
+fn semantics_digest(p: &Pipeline) -> u64 {
+    let text = format!(
+        "{:?}|{:?}|{:?}|{:?}|{:?}",
+        p.views, p.allowed_lateness, p.dedup_horizon, p.default_time_zone, p.time_zones
+    );
+    xxhash_rust::xxh3::xxh3_64(text.as_bytes())
 }
 
 /// The 128-bit digest an id is held under in state (collisions: about 2^-128 a pair).
@@ -247,17 +330,19 @@ fn build<'s>(
     rows.concat(dead).concat(void_out)
 }
 
-/// Sends each epoch's outputs (possibly none) to the committer once the epoch is done here.
+/// Sends each epoch's outputs (possibly none) to the committer once the epoch is done
+/// here; `pact` brings them to this worker (in a cluster: every output to worker 0).
 fn sink<'s>(
     out: Stream<'s, Epoch, Vec<Out>>,
     clock: Stream<'s, Epoch, Vec<Millis>>,
+    pact: impl ParallelizationContract<Epoch, Vec<Out>>,
     worker: usize,
     tx: Sender<EpochOutput>,
 ) {
     let done = epochs(
         out,
         clock,
-        Local,
+        pact,
         "Sink",
         move |epoch, items, _clock, _out: &mut Vec<()>| {
             let _ = tx.send(EpochOutput {
@@ -409,7 +494,7 @@ pub fn run_epochs(
     epochs: Vec<(Vec<Record>, Millis)>,
 ) -> Vec<EpochOutput> {
     let (tx, rx) = crossbeam_channel::unbounded();
-    let mut df = Dataflow::start(pipeline, workers, 1, tx);
+    let mut df = Dataflow::start(pipeline, workers, 1, tx, None).expect("one process");
     for (i, (records, clock)) in epochs.into_iter().enumerate() {
         let e = i as Epoch + 1;
         for chunk in records.chunks(256) {

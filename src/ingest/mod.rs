@@ -24,7 +24,9 @@
 //! open epoch, wait for the workers to finish and the committer to commit everything.
 
 use crate::archive::staging::{StagedEpoch, StagingLog};
-use crate::dataflow::{Dataflow, DeadLetter, Epoch, EpochOutput, Out, Record};
+use crate::dataflow::{
+    Cluster, ClusterError, Dataflow, DeadLetter, Epoch, EpochOutput, Out, Record,
+};
 use crate::decode::{decode, Reason};
 use crate::model::{Millis, Position};
 use crate::pipeline::Pipeline;
@@ -58,6 +60,9 @@ pub struct RunConfig {
     pub stop: Arc<AtomicBool>,
     /// Told of the store and of every commit (the gRPC API).
     pub feed: Option<Arc<dyn Feed>>,
+    /// The timely cluster this process leads (process 0), if it spans several
+    /// processes; `workers` is then the count per process. See [`follow`] for the others.
+    pub cluster: Option<Cluster>,
 }
 
 /// What the run loop tells the rest of the process (the gRPC API) as it goes. Called
@@ -105,6 +110,11 @@ pub enum RunError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    /// A worker failed; in a cluster, also another process dying.
+    #[error("{0}")]
+    Dataflow(String),
     #[error("{what} {path}")]
     Io {
         what: &'static str,
@@ -254,7 +264,13 @@ pub fn run(
     let (out_tx, out_rx) = crossbeam_channel::unbounded::<EpochOutput>();
     let (meta_tx, meta_rx) = crossbeam_channel::unbounded::<EpochMeta>();
     let (permit_tx, permit_rx) = crossbeam_channel::bounded::<()>(IN_FLIGHT);
-    let mut df = Dataflow::start(Arc::clone(&cfg.pipeline), cfg.workers, first_epoch, out_tx);
+    let mut df = Dataflow::start(
+        Arc::clone(&cfg.pipeline),
+        cfg.workers,
+        first_epoch,
+        out_tx,
+        cfg.cluster.as_ref(),
+    )?;
     let committer = {
         let workers = df.workers();
         let committed = meta.epoch;
@@ -451,12 +467,14 @@ pub fn run(
     }
     stop.store(true, Ordering::Relaxed);
     drop(permit_tx);
-    df.finish();
+    // Metas first: the committer takes outputs ending before them for a failure.
     drop(meta_tx);
+    let joined = df.join();
     let result = committer.join().expect("committer thread");
     if let Some(f) = failure {
         return Err(f);
     }
+    joined.map_err(RunError::Dataflow)?;
     result?;
     Ok(RunSummary {
         skipped_epochs: skipped,
@@ -466,6 +484,24 @@ pub fn run(
         first_epoch: meta.epoch + 1,
         last_epoch: epoch - 1,
     })
+}
+
+/// Runs a process of a cluster other than the leader: its workers' share of the
+/// dataflow, until the leader finishes (or the cluster breaks: the error says how).
+/// It reads no input and commits nothing; the leader's replay rebuilds its state.
+/// `formed` is called once the cluster has formed.
+pub fn follow(
+    pipeline: Arc<Pipeline>,
+    workers: usize,
+    cluster: &Cluster,
+    formed: impl FnOnce(),
+) -> Result<(), RunError> {
+    let (outputs, unread) = crossbeam_channel::unbounded();
+    // Only the leader's outputs are committed; a follower's workers report empty epochs.
+    drop(unread);
+    let mut df = Dataflow::start(pipeline, workers, 1, outputs, Some(cluster))?;
+    formed();
+    df.join().map_err(RunError::Dataflow)
 }
 
 /// An alert for `e` when it is a sale or refund at or above its threshold.
@@ -603,7 +639,27 @@ fn commit_loop(
                     p.out.extend(o.out);
                     p.reported += 1;
                 }
-                Err(_) => outputs_open = false,
+                Err(_) => {
+                    outputs_open = false;
+                    // The run loop hangs up the metas before it lets the workers
+                    // end, so they are all queued by now. If it has not, the workers
+                    // ended on their own: they failed (the run reports why from
+                    // joining them). Stop, committing nothing more.
+                    while metas_open {
+                        match metas.try_recv() {
+                            Ok(m) => {
+                                let e = m.epoch;
+                                pending.entry(e).or_insert_with(fresh).meta = Some(m);
+                            }
+                            Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                                metas_open = false
+                            }
+                            Err(crossbeam_channel::TryRecvError::Empty) => {
+                                return Err(RunError::Dataflow("the dataflow stopped".into()));
+                            }
+                        }
+                    }
+                }
             },
         }
         while let Some(first) = pending.first_entry() {

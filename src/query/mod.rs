@@ -534,6 +534,81 @@ impl Drop for Server {
     }
 }
 
+/// The standard health service alone, plain text: what a cluster process other than 0
+/// serves on the gRPC address (the API itself is process 0's), so that every pod of
+/// a StatefulSet has the same readiness probe. NOT_SERVING until [`HealthServer::set`].
+pub struct HealthServer {
+    reporter: tonic_health::server::HealthReporter,
+    rt: tokio::runtime::Handle,
+    server: Server,
+}
+
+impl HealthServer {
+    pub fn start(addr: &str) -> anyhow::Result<HealthServer> {
+        use anyhow::Context;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the gRPC runtime")?;
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(addr))
+            .with_context(|| format!("binding the gRPC address {addr}"))?;
+        let bound = listener.local_addr()?;
+        let (reporter, svc) = tonic_health::server::health_reporter();
+        rt.block_on(reporter.set_service_status("", tonic_health::ServingStatus::NotServing));
+        let handle = rt.handle().clone();
+        let (close, mut closing) = tokio::sync::watch::channel(false);
+        let thread = std::thread::Builder::new()
+            .name("tally-grpc".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let r = tonic::transport::Server::builder()
+                        .add_service(svc)
+                        .serve_with_incoming_shutdown(
+                            tonic::transport::server::TcpIncoming::from(listener),
+                            async move {
+                                let _ = closing.wait_for(|c| *c).await;
+                            },
+                        )
+                        .await;
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "gRPC health server failed");
+                    }
+                });
+            })
+            .context("spawning the gRPC thread")?;
+        tracing::info!(addr = %bound, "serving the gRPC health service alone");
+        Ok(HealthServer {
+            reporter,
+            rt: handle,
+            server: Server {
+                addr: bound,
+                close,
+                thread: Some(thread),
+            },
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr
+    }
+
+    /// SERVING or NOT_SERVING, for the whole server ("").
+    pub fn set(&self, serving: bool) {
+        let status = if serving {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        self.rt
+            .block_on(self.reporter.set_service_status("", status));
+    }
+
+    pub fn stop(self) {
+        self.server.stop();
+    }
+}
+
 /// Serves every service on `listener` until `api.closing` turns true.
 pub async fn serve(
     listener: tokio::net::TcpListener,

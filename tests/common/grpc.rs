@@ -93,6 +93,7 @@ impl Tally {
             until_eof: false,
             stop: Arc::clone(&stop),
             feed: Some(hub.clone()),
+            cluster: None,
         };
         let run = std::thread::spawn(move || ingest::run(cfg, |_| {}));
         Tally {

@@ -1,0 +1,314 @@
+//! Scale-out: one timely cluster of several `tally run` processes on loopback, with
+//! timely's own networking. Its export must equal a single process's, also after a
+//! process dies and the run restarts in another shape; a mismatched deployment must
+//! fail at once, naming what differs.
+
+mod common;
+
+use common::redis::free_port;
+use common::{gen_to, run_until_eof, tally, wait_for};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tonic_health::pb::health_check_response::ServingStatus;
+
+/// A hosts file of `n` free loopback ports.
+fn hosts_file(dir: &Path, n: usize) -> std::path::PathBuf {
+    let path = dir.join("hosts");
+    let lines: Vec<String> = (0..n)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    std::fs::write(&path, format!("# test cluster\n{}\n", lines.join("\n"))).unwrap();
+    path
+}
+
+/// `tally run --processes N --process I --hosts H --workers W` plus `extra`.
+fn spawn_process(hosts: &Path, n: usize, i: usize, workers: usize, extra: &[&str]) -> Child {
+    tally()
+        .args([
+            "run",
+            "--processes",
+            &n.to_string(),
+            "--process",
+            &i.to_string(),
+        ])
+        .args(["--hosts", hosts.to_str().unwrap()])
+        .args([
+            "--workers",
+            &workers.to_string(),
+            "--cluster-timeout",
+            "60s",
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tally starts")
+}
+
+/// Waits (bounded) for a process to exit and returns its output.
+fn finish(child: Child, what: &str, limit: Duration) -> Output {
+    let pid = child.id();
+    let start = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("wait"),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("{what} did not exit within {:?}", start.elapsed());
+        }
+    }
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Dead letters without their epoch (epochs are cut by time, so they may differ).
+fn dead_letters(data: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(data.join("dead-letters.jsonl")).unwrap();
+    text.lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("epoch");
+            v.to_string()
+        })
+        .collect()
+}
+
+/// The status the standard gRPC health service at `addr` gives the whole server.
+fn health(addr: &str) -> Option<i32> {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        let reply = HealthClient::new(ch)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .ok()?;
+        Some(reply.into_inner().status)
+    })
+}
+
+#[test]
+fn two_processes_of_two_workers_equal_one_process_of_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let events = tmp.path().join("events.jsonl");
+    gen_to(
+        &events,
+        &["--events", "40000", "--seed", "7", "--bad-rate", "0.01"],
+    );
+    let single = tmp.path().join("single");
+    let want = tmp.path().join("single.jsonl");
+    run_until_eof(&events, &single, Some(1), None, Some(&want));
+
+    let hosts = hosts_file(tmp.path(), 2);
+    let data = tmp.path().join("cluster");
+    let got = tmp.path().join("cluster.jsonl");
+    // The follower first: the leader's connection attempts wait for it either way.
+    let follower = spawn_process(&hosts, 2, 1, 2, &[]);
+    let leader = spawn_process(
+        &hosts,
+        2,
+        0,
+        2,
+        &[
+            events.to_str().unwrap(),
+            "--until-eof",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--export",
+            got.to_str().unwrap(),
+        ],
+    );
+    let l = finish(leader, "the leader", Duration::from_secs(120));
+    assert!(l.status.success(), "leader failed: {}", stderr(&l));
+    let f = finish(follower, "the follower", Duration::from_secs(30));
+    assert!(f.status.success(), "follower failed: {}", stderr(&f));
+
+    let want_rows = std::fs::read_to_string(&want).unwrap();
+    assert!(want_rows.lines().count() > 1000, "a real export");
+    assert_eq!(
+        std::fs::read_to_string(&got).unwrap(),
+        want_rows,
+        "2 processes x 2 workers: the export differs from 1 process x 1 worker"
+    );
+    let dead = dead_letters(&data);
+    assert!(
+        dead.len() > 100,
+        "bad records and rejected duplicates were sent"
+    );
+    assert_eq!(dead, dead_letters(&single), "the dead letters differ");
+}
+
+#[test]
+fn a_lost_process_stops_the_cluster_and_a_restart_in_another_shape_is_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let events = tmp.path().join("events.jsonl");
+    gen_to(&events, &["--events", "400000", "--seed", "11"]);
+    let want = tmp.path().join("single.jsonl");
+    run_until_eof(
+        &events,
+        &tmp.path().join("single"),
+        Some(2),
+        None,
+        Some(&want),
+    );
+
+    let hosts = hosts_file(tmp.path(), 2);
+    let data = tmp.path().join("cluster");
+    // The follower serves the health service alone: NOT_SERVING until the cluster forms.
+    let health_addr = format!("127.0.0.1:{}", free_port());
+    let follower = spawn_process(&hosts, 2, 1, 1, &["--grpc-addr", &health_addr]);
+    wait_for(
+        "the follower's health service",
+        Duration::from_secs(30),
+        || health(&health_addr).is_some(),
+    );
+    assert_eq!(health(&health_addr), Some(ServingStatus::NotServing as i32));
+    let mut leader = spawn_process(
+        &hosts,
+        2,
+        0,
+        1,
+        &[
+            events.to_str().unwrap(),
+            "--until-eof",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+    );
+    wait_for(
+        "a first commit of the cluster",
+        Duration::from_secs(60),
+        || common::committed_bytes(&data) > 0,
+    );
+    assert_eq!(health(&health_addr), Some(ServingStatus::Serving as i32));
+    // The leader dies mid-run; the follower, alone, must stop by itself.
+    assert!(
+        leader.try_wait().unwrap().is_none(),
+        "the leader was still running"
+    );
+    leader.kill().unwrap();
+    let _ = leader.wait();
+    let f = finish(
+        follower,
+        "the follower after the leader died",
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        f.status.code(),
+        Some(4),
+        "the follower's exit: {}",
+        stderr(&f)
+    );
+    assert!(
+        stderr(&f).contains("lost the connection to another cluster process"),
+        "{}",
+        stderr(&f)
+    );
+
+    // Restart as one process of 2 workers on the same data directory.
+    let got = tmp.path().join("restarted.jsonl");
+    run_until_eof(&events, &data, Some(2), None, Some(&got));
+    assert_eq!(
+        std::fs::read_to_string(&got).unwrap(),
+        std::fs::read_to_string(&want).unwrap(),
+        "after the cluster died and one process resumed, the export differs"
+    );
+}
+
+#[test]
+fn a_mismatched_cluster_fails_at_once_naming_the_difference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hosts = hosts_file(tmp.path(), 2);
+    let data = tmp.path().join("d");
+    let events = tmp.path().join("events.jsonl");
+    gen_to(&events, &["--events", "100"]);
+    let follower = spawn_process(&hosts, 2, 1, 1, &[]);
+    let leader = spawn_process(
+        &hosts,
+        2,
+        0,
+        2,
+        &[
+            events.to_str().unwrap(),
+            "--until-eof",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+    );
+    let l = finish(leader, "the mismatched leader", Duration::from_secs(30));
+    let f = finish(follower, "the mismatched follower", Duration::from_secs(30));
+    assert!(!l.status.success() && !f.status.success());
+    assert!(
+        stderr(&l).contains("process 1 from 127.0.0.1")
+            && stderr(&l).contains("it runs 1 workers, this process 2"),
+        "leader: {}",
+        stderr(&l)
+    );
+    assert!(
+        stderr(&f).contains("every process needs the same --workers"),
+        "follower: {}",
+        stderr(&f)
+    );
+    assert!(!data.join("store").exists() || common::committed_bytes(&data) == 0);
+}
+
+#[test]
+fn a_missing_process_is_named_when_the_wait_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hosts = hosts_file(tmp.path(), 3);
+    let events = tmp.path().join("events.jsonl");
+    gen_to(&events, &["--events", "10"]);
+    let out = tally()
+        .args(["run", events.to_str().unwrap(), "--until-eof"])
+        .args(["--data-dir", tmp.path().join("d").to_str().unwrap()])
+        .args(["--processes", "3", "--process", "0"])
+        .args([
+            "--hosts",
+            hosts.to_str().unwrap(),
+            "--cluster-timeout",
+            "1s",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = stderr(&out);
+    let ports: Vec<String> = std::fs::read_to_string(&hosts)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        text.contains(&format!(
+            "processes 1 ({}), 2 ({}) did not connect within 1s",
+            ports[1], ports[2]
+        )),
+        "{text}"
+    );
+    // Flags that cannot form a cluster are refused before anything starts.
+    let out = tally()
+        .args(["run", events.to_str().unwrap(), "--processes", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&out).contains("--processes 2 needs --hosts FILE"),
+        "{}",
+        stderr(&out)
+    );
+}
