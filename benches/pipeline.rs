@@ -1,8 +1,10 @@
 //! Benchmarks of the whole pipeline (see benches/README.md for the commands and numbers).
 //!
-//! - `throughput --events N --workers W [--runs R]`: JSON Lines from `tally gen` (cached
-//!   under the target directory) to committed aggregates with the default pipeline,
-//!   on the embedded store; prints seconds, events/s and peak RSS per run.
+//! - `throughput --events N --workers W [--processes P] [--runs R]`: JSON Lines from
+//!   `tally gen` (cached under the target directory) to committed aggregates with the
+//!   default pipeline, on the embedded store; prints seconds, events/s and peak RSS
+//!   (of process 0) per run. With `--processes P`, as process 0 of a timely cluster on
+//!   loopback whose other processes are the `tally` binary, W workers each.
 //! - `decode --events N`: decoding alone, one thread.
 //! - `rss --events N [--customers C] [--workers W]`: a generated stream straight into
 //!   the pipeline, sampling RSS every million records, with the event time reached.
@@ -18,7 +20,7 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tally::ingest::{self, RunConfig};
 use tally::pipeline::{Pipeline, DEFAULT_PIPELINE};
 use tally::source::gen::{GenOptions, Generator};
@@ -98,6 +100,67 @@ fn run_on(
     workers: usize,
     observe: impl FnMut(&ingest::EpochReport) + Send + 'static,
 ) -> f64 {
+    run_in(store, inputs, workers, None, observe)
+}
+
+/// A free loopback port (the listener closes before the cluster binds it).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Like [`run`], as process 0 of a cluster of `processes` on loopback: the others are
+/// the built `tally` binary (`run --processes P --process I`), started first.
+fn run_cluster(inputs: Vec<Input>, workers: usize, processes: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    let lines: Vec<String> = (0..processes)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    std::fs::write(&hosts, lines.join("\n")).unwrap();
+    let followers: Vec<std::process::Child> = (1..processes)
+        .map(|i| {
+            std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+                .args(["run", "--processes", &processes.to_string()])
+                .args([
+                    "--process",
+                    &i.to_string(),
+                    "--workers",
+                    &workers.to_string(),
+                ])
+                .arg("--hosts")
+                .arg(&hosts)
+                .env("TALLY_LOG", "warn")
+                .spawn()
+                .expect("the tally binary")
+        })
+        .collect();
+    let cluster =
+        tally::dataflow::Cluster::from_hosts_file(&hosts, processes, 0, Duration::from_secs(60))
+            .unwrap();
+    let secs = run_in(
+        StoreConfig::Embedded,
+        inputs,
+        workers,
+        Some(cluster),
+        |_| {},
+    );
+    for mut f in followers {
+        assert!(f.wait().unwrap().success(), "a follower failed");
+    }
+    secs
+}
+
+fn run_in(
+    store: StoreConfig,
+    inputs: Vec<Input>,
+    workers: usize,
+    cluster: Option<tally::dataflow::Cluster>,
+    observe: impl FnMut(&ingest::EpochReport) + Send + 'static,
+) -> f64 {
     let dir = tempfile::tempdir().unwrap();
     let pipeline = Arc::new(Pipeline::parse("sales.toml", DEFAULT_PIPELINE).unwrap());
     let cfg = RunConfig {
@@ -110,7 +173,7 @@ fn run_on(
         until_eof: true,
         stop: Arc::new(AtomicBool::new(false)),
         feed: None,
-        cluster: None,
+        cluster,
     };
     let start = Instant::now();
     ingest::run(cfg, observe).unwrap();
@@ -131,13 +194,19 @@ fn main() {
             let events = arg(&args, "--events", 10_000_000);
             let workers = arg(&args, "--workers", 1) as usize;
             let runs = arg(&args, "--runs", 1);
+            let processes = arg(&args, "--processes", 1) as usize;
             let file = data_file(events);
             for _ in 0..runs {
-                let secs = run(vec![Input::Path(file.clone())], workers, |_| {});
+                let inputs = vec![Input::Path(file.clone())];
+                let secs = if processes > 1 {
+                    run_cluster(inputs, workers, processes)
+                } else {
+                    run(inputs, workers, |_| {})
+                };
                 println!(
-                    "throughput workers={workers} events={events} seconds={secs:.2} events_per_s={:.0} per_worker={:.0} peak_rss_mb={}",
+                    "throughput processes={processes} workers={workers} events={events} seconds={secs:.2} events_per_s={:.0} per_worker={:.0} peak_rss_mb={}",
                     events as f64 / secs,
-                    events as f64 / secs / workers as f64,
+                    events as f64 / secs / (workers * processes) as f64,
                     status("VmHWM:") >> 20
                 );
             }
