@@ -1224,6 +1224,107 @@ fn the_binary_serves_tls_and_tally_query_reads_it() {
     assert_eq!(rows, want);
 }
 
+/// `tally publish` sends a generated file (with bad records of every reason) to a
+/// running `tally run --grpc-addr`: every line acknowledged, the dead letters
+/// reported by reason and line with exit code 1, the counts equal to the server's
+/// dead-letter file. Published twice, the export equals one plain run over the file.
+#[test]
+fn tally_publish_sends_a_file_and_a_second_time_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let p = |n: &str| d.join(n).to_str().unwrap().to_owned();
+    let keys = p("keys.json");
+    let ingest =
+        String::from_utf8(common::ok(&["keys", "add", "--keys", &keys, "--ingest"]).stdout)
+            .unwrap()
+            .trim()
+            .to_owned();
+    let events = p("events.jsonl");
+    common::gen_to(
+        Path::new(&events),
+        &["--events", "20000", "--bad-rate", "0.02"],
+    );
+    let port = common::redis::free_port();
+    let mut server = common::tally()
+        .args(["run", "--data-dir", &p("data"), "--keys", &keys])
+        .args(["--grpc-addr", &format!("127.0.0.1:{port}")])
+        .spawn()
+        .unwrap();
+    common::wait_for("the gRPC port", Duration::from_secs(60), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let publish = || {
+        let out = common::tally()
+            .args(["publish", &events, "--to", "grpc"])
+            .args(["--addr", &format!("http://127.0.0.1:{port}")])
+            .env("TALLY_API_KEY", &ingest)
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "dead letters were sent: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let first = text.lines().next().unwrap().to_owned();
+        // "N events sent to ADDR: C committed, D dead letters"
+        let n = |word: &str| -> u64 {
+            let before = first.split(word).next().unwrap();
+            before
+                .split_whitespace()
+                .last()
+                .unwrap()
+                .trim_end_matches(',')
+                .parse()
+                .unwrap()
+        };
+        (n(" events sent"), n(" committed"), n(" dead letters"), text)
+    };
+    let (sent, committed, dead, text) = publish();
+    assert_eq!(sent, 20000, "{text}");
+    assert_eq!(committed + dead, sent, "{text}");
+    let file = std::fs::read_to_string(d.join("data/dead-letters.jsonl")).unwrap();
+    assert_eq!(file.lines().count() as u64, dead, "{text}");
+    for reason in ["line:invalid_json", "amount:invalid", "late"] {
+        assert!(
+            text.contains(&format!("  {reason}: ")),
+            "{reason} in {text}"
+        );
+    }
+    // An example names its line, which holds a record with that reason.
+    let example = text.lines().find(|l| l.starts_with("  line ")).unwrap();
+    let (line, reason) = example["  line ".len()..].split_once(": ").unwrap();
+    let line: usize = line.parse().unwrap();
+    let raw = std::fs::read(&events).unwrap();
+    let record = raw.split(|b| *b == b'\n').nth(line - 1).unwrap();
+    assert!(
+        file.lines().any(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["reason"] == reason
+                && (v["raw"].as_str().map(str::as_bytes) == Some(record)
+                    || v["raw_base64"].as_bool() == Some(true))
+        }),
+        "{example}"
+    );
+    let (sent2, committed2, dead2, text2) = publish();
+    assert_eq!((sent2, committed2 + dead2), (20000, 20000), "{text2}");
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status();
+    assert!(server.wait().unwrap().success());
+    let export =
+        |data: &str| String::from_utf8(common::ok(&["export", "--data-dir", data]).stdout).unwrap();
+    common::run_until_eof(Path::new(&events), &d.join("plain"), Some(2), None, None);
+    let want = export(&p("plain"));
+    assert!(want.lines().count() > 1000);
+    assert_eq!(
+        export(&p("data")),
+        want,
+        "published twice: the aggregates differ from one plain run over the file"
+    );
+}
+
 /// The standard health service follows the store: SERVING, NOT_SERVING while Redis
 /// is down and a commit waits, SERVING again once it commits; a query during the
 /// outage is UNAVAILABLE, not an internal error.

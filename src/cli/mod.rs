@@ -7,6 +7,7 @@
 mod client;
 mod demo;
 mod keys;
+mod publish;
 mod validate;
 
 use crate::ingest::{self, RunConfig};
@@ -71,6 +72,13 @@ pub enum Command {
     /// Manage the API keys of the gRPC server (the keys file of `run --keys`).
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Send JSON Lines events to a running Tally over gRPC (Ingest.Publish, with an
+    /// ingest key from TALLY_API_KEY), each acknowledged once committed.
+    ///
+    /// Prints what was committed and the dead letters by reason with their line
+    /// numbers; exit code 1 when any record was a dead letter. Publishing the same
+    /// input again is safe: a redelivery counts once.
+    Publish(publish::PublishArgs),
     /// Query a running server over gRPC (providers: windows, summaries, top products,
     /// watch; operators: status).
     ///
@@ -426,6 +434,7 @@ pub fn dispatch(cli: Cli) -> Result<Exit> {
         Command::Demo(a) => demo::demo(a),
         Command::Keys(k) => keys::keys(k),
         Command::Query(q) => client::query(q),
+        Command::Publish(p) => publish::publish(p),
     }
 }
 
