@@ -312,3 +312,72 @@ fn a_missing_process_is_named_when_the_wait_ends() {
         stderr(&out)
     );
 }
+
+/// SIGTERM, as Kubernetes sends every pod: a follower keeps computing while the
+/// leader runs; the leader stops reading, commits what it read and ends the
+/// cluster; both exit 0. A restart in one process then finishes the input exactly.
+#[test]
+fn sigterm_drains_the_cluster_and_a_restart_is_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let events = tmp.path().join("events.jsonl");
+    gen_to(&events, &["--events", "200000", "--seed", "5"]);
+    let want = tmp.path().join("single.jsonl");
+    run_until_eof(
+        &events,
+        &tmp.path().join("single"),
+        Some(1),
+        None,
+        Some(&want),
+    );
+
+    let hosts = hosts_file(tmp.path(), 2);
+    let data = tmp.path().join("cluster");
+    let follower = spawn_process(&hosts, 2, 1, 1, &[]);
+    let leader = spawn_process(
+        &hosts,
+        2,
+        0,
+        1,
+        &[
+            events.to_str().unwrap(),
+            "--follow",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+    );
+    wait_for(
+        "a first commit of the cluster",
+        Duration::from_secs(60),
+        || common::committed_bytes(&data) > 0,
+    );
+    let term = |c: &Child| {
+        Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap();
+    };
+    let mut follower = follower;
+    term(&follower);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        follower.try_wait().unwrap().is_none(),
+        "a follower waits for the leader"
+    );
+    term(&leader);
+    let l = finish(leader, "the leader after SIGTERM", Duration::from_secs(60));
+    assert!(l.status.success(), "leader: {}", stderr(&l));
+    let f = finish(
+        follower,
+        "the follower after the leader",
+        Duration::from_secs(30),
+    );
+    assert!(f.status.success(), "follower: {}", stderr(&f));
+
+    let got = tmp.path().join("restarted.jsonl");
+    run_until_eof(&events, &data, Some(1), None, Some(&got));
+    assert_eq!(
+        std::fs::read_to_string(&got).unwrap(),
+        std::fs::read_to_string(&want).unwrap(),
+        "after a SIGTERM of the cluster and a restart, the export differs"
+    );
+}

@@ -208,6 +208,11 @@ fn the_cluster_manifests_agree() {
         sts["spec"]["podManagementPolicy"].as_str(),
         Some("Parallel")
     );
+    // Pods of two versions cannot form a cluster: no rolling update.
+    assert_eq!(
+        sts["spec"]["updateStrategy"]["type"].as_str(),
+        Some("OnDelete")
+    );
     let name = sts["metadata"]["name"].as_str().unwrap();
     let service = sts["spec"]["serviceName"].as_str().unwrap();
     let pod = &sts["spec"]["template"]["spec"];

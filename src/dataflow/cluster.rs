@@ -16,7 +16,7 @@
 //!
 //! Before handing the sockets to timely, each pair of processes exchanges a hello
 //! (process index, process count, workers per process, a digest of the pipeline's
-//! semantics), so that a mismatched deployment fails at once, naming what differs,
+//! semantics, the version of Tally), so that a mismatched deployment fails at once, naming what differs,
 //! instead of computing wrong results.
 
 use std::io::{Read, Write};
@@ -45,7 +45,11 @@ pub enum ClusterError {
 }
 
 const MAGIC: [u8; 8] = *b"TALLYCL1";
-const HELLO_LEN: usize = 8 + 4 * 8;
+const HELLO_LEN: usize = WORDS_END + VERSION_LEN;
+/// The magic, then four big-endian words.
+const WORDS_END: usize = 8 + 4 * 8;
+/// The version field: the crate version, zero-padded.
+const VERSION_LEN: usize = 32;
 
 /// What each process tells each other before the cluster starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +58,22 @@ struct Hello {
     processes: u64,
     workers: u64,
     pipeline: u64,
+    /// The dataflow's wire format (what crosses between processes) is that of one
+    /// build: processes of different versions must not form a cluster.
+    version: [u8; VERSION_LEN],
+}
+
+/// This build's version, as the hello carries it.
+fn version() -> [u8; VERSION_LEN] {
+    let mut v = [0u8; VERSION_LEN];
+    let s = env!("CARGO_PKG_VERSION").as_bytes();
+    let n = s.len().min(VERSION_LEN);
+    v[..n].copy_from_slice(&s[..n]);
+    v
+}
+
+fn version_text(v: &[u8; VERSION_LEN]) -> String {
+    String::from_utf8_lossy(v.split(|b| *b == 0).next().unwrap_or(&[])).into_owned()
 }
 
 impl Hello {
@@ -66,6 +86,7 @@ impl Hello {
         {
             b[8 + i * 8..16 + i * 8].copy_from_slice(&v.to_be_bytes());
         }
+        b[WORDS_END..].copy_from_slice(&self.version);
         b
     }
 
@@ -79,12 +100,19 @@ impl Hello {
             processes: word(1),
             workers: word(2),
             pipeline: word(3),
+            version: b[WORDS_END..].try_into().unwrap(),
         })
     }
 
     /// Why `peer` cannot join a cluster with `self`, if it cannot.
     fn mismatch(&self, peer: &Hello) -> Option<String> {
-        if peer.processes != self.processes {
+        if peer.version != self.version {
+            Some(format!(
+                "it runs tally {}, this process {}: every process needs the same build",
+                version_text(&peer.version),
+                version_text(&self.version)
+            ))
+        } else if peer.processes != self.processes {
             Some(format!(
                 "it runs with --processes {}, this process with {}",
                 peer.processes, self.processes
@@ -167,6 +195,7 @@ impl Cluster {
             processes: self.processes() as u64,
             workers: workers as u64,
             pipeline,
+            version: version(),
         };
         let deadline = Instant::now() + self.connect_timeout;
         let fail = |reason: String| ClusterError::Connect {
@@ -420,6 +449,7 @@ mod tests {
             processes: 2,
             workers: 2,
             pipeline: 7,
+            version: version(),
         };
         assert_eq!(Hello::parse(&a.bytes()), Some(a));
         assert_eq!(Hello::parse(&[0u8; HELLO_LEN]), None);
@@ -431,5 +461,16 @@ mod tests {
         let c = Hello { pipeline: 8, ..a };
         assert!(a.mismatch(&c).unwrap().contains("pipeline differs"));
         assert_eq!(a.mismatch(&Hello { process: 1, ..a }), None);
+        let mut old = [0u8; VERSION_LEN];
+        old[..5].copy_from_slice(b"0.0.1");
+        let d = Hello { version: old, ..a };
+        let why = a.mismatch(&d).unwrap();
+        assert!(
+            why.contains(&format!(
+                "it runs tally 0.0.1, this process {}",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{why}"
+        );
     }
 }
