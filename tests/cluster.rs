@@ -332,6 +332,14 @@ fn sigterm_drains_the_cluster_and_a_restart_is_exact() {
 
     let hosts = hosts_file(tmp.path(), 2);
     let data = tmp.path().join("cluster");
+    let keys = tmp.path().join("keys.json");
+    let admin = String::from_utf8(
+        common::ok(&["keys", "add", "--admin", "--keys", keys.to_str().unwrap()]).stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_owned();
+    let grpc = format!("127.0.0.1:{}", free_port());
     let follower = spawn_process(&hosts, 2, 1, 1, &[]);
     let leader = spawn_process(
         &hosts,
@@ -343,12 +351,35 @@ fn sigterm_drains_the_cluster_and_a_restart_is_exact() {
             "--follow",
             "--data-dir",
             data.to_str().unwrap(),
+            "--grpc-addr",
+            &grpc,
+            "--keys",
+            keys.to_str().unwrap(),
         ],
     );
     wait_for(
         "a first commit of the cluster",
         Duration::from_secs(60),
         || common::committed_bytes(&data) > 0,
+    );
+    // Admin.Status tells the cluster's shape.
+    let status = tally()
+        .args([
+            "query",
+            "--addr",
+            &format!("http://{grpc}"),
+            "--json",
+            "status",
+        ])
+        .env("TALLY_API_KEY", &admin)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", stderr(&status));
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(
+        (&status["processes"], &status["workers_per_process"]),
+        (&serde_json::json!(2), &serde_json::json!(1)),
+        "{status}"
     );
     let term = |c: &Child| {
         Command::new("kill")

@@ -504,6 +504,8 @@ async fn run(a: QueryArgs, key: MetadataValue<tonic::metadata::Ascii>) -> Result
                 "store".into(),
                 serde_json::json!({"kind": store.kind, "location": store.location, "up": store.up}),
             );
+            o.insert("processes".into(), s.processes.into());
+            o.insert("workers_per_process".into(), s.workers_per_process.into());
             if a.json {
                 println!("{}", o.to_json());
             } else {

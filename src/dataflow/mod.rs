@@ -33,6 +33,7 @@ use crate::pipeline::Pipeline;
 use crossbeam_channel::{Receiver, Sender};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use timely::dataflow::channels::pact::{Exchange, ParallelizationContract, Pipeline as Local};
@@ -168,6 +169,8 @@ impl Dataflow {
                 }
             };
         let to_leader = cluster.is_some();
+        SHAPE[0].store(cluster.map_or(1, |c| c.processes()), Ordering::Relaxed);
+        SHAPE[1].store(workers, Ordering::Relaxed);
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..if leader { workers } else { 0 })
             .map(|_| crossbeam_channel::bounded::<ToWorker>(64))
             .unzip();
@@ -525,8 +528,20 @@ static STATE: [(&str, std::sync::atomic::AtomicI64); 3] = [
     ("rows", std::sync::atomic::AtomicI64::new(0)),
 ];
 
-/// Records held in the dataflow's state per stage (`admit`: event ids within the
-/// dedup horizon; `voids`: void slots; `rows`: aggregate rows and top-k members).
+/// The shape of the dataflow this process last started: (processes, workers per
+/// process); (0, 0) before any.
+static SHAPE: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+
+pub fn shape() -> (usize, usize) {
+    (
+        SHAPE[0].load(Ordering::Relaxed),
+        SHAPE[1].load(Ordering::Relaxed),
+    )
+}
+
+/// Records held in the dataflow's state per stage by this process's workers
+/// (`admit`: event ids within the dedup horizon; `voids`: void slots; `rows`:
+/// aggregate rows and top-k members).
 pub fn state_entries() -> Vec<(&'static str, i64)> {
     STATE
         .iter()

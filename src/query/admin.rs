@@ -25,6 +25,7 @@ impl Admin for AdminService {
         let s = self.api.hub.status();
         let lateness = self.api.pipeline.allowed_lateness.as_millis() as i64;
         let known = s.clock != crate::model::Millis::MIN && s.epoch > 0;
+        let (processes, workers) = crate::dataflow::shape();
         Ok(Response::new(pb::StatusResponse {
             pipeline: self.api.pipeline.name.clone(),
             epoch: s.epoch,
@@ -48,6 +49,8 @@ impl Admin for AdminService {
                 location: self.api.store.1.clone(),
                 up: s.store_up,
             }),
+            processes: processes as u32,
+            workers_per_process: workers as u32,
         }))
     }
 }
