@@ -103,6 +103,70 @@ fn health(addr: &str) -> Option<i32> {
     })
 }
 
+/// A generated input, its export from one uninterrupted process, and a hosts file
+/// and data directory for a 2-process cluster to be interrupted over it.
+struct Interrupted {
+    tmp: tempfile::TempDir,
+    events: std::path::PathBuf,
+    want: std::path::PathBuf,
+    hosts: std::path::PathBuf,
+    data: std::path::PathBuf,
+}
+
+impl Interrupted {
+    fn new(events: &str, seed: &str) -> Interrupted {
+        let tmp = tempfile::tempdir().unwrap();
+        let input = tmp.path().join("events.jsonl");
+        gen_to(&input, &["--events", events, "--seed", seed]);
+        let want = tmp.path().join("single.jsonl");
+        run_until_eof(
+            &input,
+            &tmp.path().join("single"),
+            Some(1),
+            None,
+            Some(&want),
+        );
+        Interrupted {
+            hosts: hosts_file(tmp.path(), 2),
+            data: tmp.path().join("cluster"),
+            events: input,
+            want,
+            tmp,
+        }
+    }
+
+    /// Process 0 (1 worker) over the input, with `extra` flags.
+    fn leader(&self, extra: &[&str]) -> Child {
+        let mut args = vec![
+            self.events.to_str().unwrap(),
+            "--data-dir",
+            self.data.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        spawn_process(&self.hosts, 2, 0, 1, &args)
+    }
+
+    fn wait_for_a_commit(&self) {
+        wait_for(
+            "a first commit of the cluster",
+            Duration::from_secs(60),
+            || common::committed_bytes(&self.data) > 0,
+        );
+    }
+
+    /// One process of `workers` resumes on the cluster's data directory and must
+    /// export exactly what the uninterrupted run did.
+    fn assert_resumes_exactly(&self, workers: u32, after: &str) {
+        let got = self.tmp.path().join("restarted.jsonl");
+        run_until_eof(&self.events, &self.data, Some(workers), None, Some(&got));
+        assert_eq!(
+            std::fs::read_to_string(&got).unwrap(),
+            std::fs::read_to_string(&self.want).unwrap(),
+            "after {after} and a restart in one process, the export differs"
+        );
+    }
+}
+
 #[test]
 fn two_processes_of_two_workers_equal_one_process_of_one() {
     let tmp = tempfile::tempdir().unwrap();
@@ -156,46 +220,18 @@ fn two_processes_of_two_workers_equal_one_process_of_one() {
 
 #[test]
 fn a_lost_process_stops_the_cluster_and_a_restart_in_another_shape_is_exact() {
-    let tmp = tempfile::tempdir().unwrap();
-    let events = tmp.path().join("events.jsonl");
-    gen_to(&events, &["--events", "400000", "--seed", "11"]);
-    let want = tmp.path().join("single.jsonl");
-    run_until_eof(
-        &events,
-        &tmp.path().join("single"),
-        Some(2),
-        None,
-        Some(&want),
-    );
-
-    let hosts = hosts_file(tmp.path(), 2);
-    let data = tmp.path().join("cluster");
+    let c = Interrupted::new("400000", "11");
     // The follower serves the health service alone: NOT_SERVING until the cluster forms.
     let health_addr = format!("127.0.0.1:{}", free_port());
-    let follower = spawn_process(&hosts, 2, 1, 1, &["--grpc-addr", &health_addr]);
+    let follower = spawn_process(&c.hosts, 2, 1, 1, &["--grpc-addr", &health_addr]);
     wait_for(
         "the follower's health service",
         Duration::from_secs(30),
         || health(&health_addr).is_some(),
     );
     assert_eq!(health(&health_addr), Some(ServingStatus::NotServing as i32));
-    let mut leader = spawn_process(
-        &hosts,
-        2,
-        0,
-        1,
-        &[
-            events.to_str().unwrap(),
-            "--until-eof",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-    );
-    wait_for(
-        "a first commit of the cluster",
-        Duration::from_secs(60),
-        || common::committed_bytes(&data) > 0,
-    );
+    let mut leader = c.leader(&["--until-eof"]);
+    c.wait_for_a_commit();
     assert_eq!(health(&health_addr), Some(ServingStatus::Serving as i32));
     // The leader dies mid-run; the follower, alone, must stop by itself.
     assert!(
@@ -220,15 +256,8 @@ fn a_lost_process_stops_the_cluster_and_a_restart_in_another_shape_is_exact() {
         "{}",
         stderr(&f)
     );
-
-    // Restart as one process of 2 workers on the same data directory.
-    let got = tmp.path().join("restarted.jsonl");
-    run_until_eof(&events, &data, Some(2), None, Some(&got));
-    assert_eq!(
-        std::fs::read_to_string(&got).unwrap(),
-        std::fs::read_to_string(&want).unwrap(),
-        "after the cluster died and one process resumed, the export differs"
-    );
+    // One process of 2 workers on the same data directory.
+    c.assert_resumes_exactly(2, "the cluster died");
 }
 
 #[test]
@@ -318,21 +347,8 @@ fn a_missing_process_is_named_when_the_wait_ends() {
 /// cluster; both exit 0. A restart in one process then finishes the input exactly.
 #[test]
 fn sigterm_drains_the_cluster_and_a_restart_is_exact() {
-    let tmp = tempfile::tempdir().unwrap();
-    let events = tmp.path().join("events.jsonl");
-    gen_to(&events, &["--events", "200000", "--seed", "5"]);
-    let want = tmp.path().join("single.jsonl");
-    run_until_eof(
-        &events,
-        &tmp.path().join("single"),
-        Some(1),
-        None,
-        Some(&want),
-    );
-
-    let hosts = hosts_file(tmp.path(), 2);
-    let data = tmp.path().join("cluster");
-    let keys = tmp.path().join("keys.json");
+    let c = Interrupted::new("200000", "5");
+    let keys = c.tmp.path().join("keys.json");
     let admin = String::from_utf8(
         common::ok(&["keys", "add", "--admin", "--keys", keys.to_str().unwrap()]).stdout,
     )
@@ -340,28 +356,15 @@ fn sigterm_drains_the_cluster_and_a_restart_is_exact() {
     .trim()
     .to_owned();
     let grpc = format!("127.0.0.1:{}", free_port());
-    let follower = spawn_process(&hosts, 2, 1, 1, &[]);
-    let leader = spawn_process(
-        &hosts,
-        2,
-        0,
-        1,
-        &[
-            events.to_str().unwrap(),
-            "--follow",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--grpc-addr",
-            &grpc,
-            "--keys",
-            keys.to_str().unwrap(),
-        ],
-    );
-    wait_for(
-        "a first commit of the cluster",
-        Duration::from_secs(60),
-        || common::committed_bytes(&data) > 0,
-    );
+    let mut follower = spawn_process(&c.hosts, 2, 1, 1, &[]);
+    let leader = c.leader(&[
+        "--follow",
+        "--grpc-addr",
+        &grpc,
+        "--keys",
+        keys.to_str().unwrap(),
+    ]);
+    c.wait_for_a_commit();
     // Admin.Status tells the cluster's shape.
     let status = tally()
         .args([
@@ -387,7 +390,6 @@ fn sigterm_drains_the_cluster_and_a_restart_is_exact() {
             .status()
             .unwrap();
     };
-    let mut follower = follower;
     term(&follower);
     std::thread::sleep(Duration::from_millis(500));
     assert!(
@@ -404,11 +406,5 @@ fn sigterm_drains_the_cluster_and_a_restart_is_exact() {
     );
     assert!(f.status.success(), "follower: {}", stderr(&f));
 
-    let got = tmp.path().join("restarted.jsonl");
-    run_until_eof(&events, &data, Some(1), None, Some(&got));
-    assert_eq!(
-        std::fs::read_to_string(&got).unwrap(),
-        std::fs::read_to_string(&want).unwrap(),
-        "after a SIGTERM of the cluster and a restart, the export differs"
-    );
+    c.assert_resumes_exactly(1, "a SIGTERM of the cluster");
 }

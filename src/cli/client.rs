@@ -257,13 +257,14 @@ fn print(rows: &[Map], json: bool) {
     }
 }
 
-async fn connect(a: &QueryArgs) -> Result<Channel> {
-    let mut ep = Endpoint::from_shared(a.addr.clone())
-        .with_context(|| format!("--addr '{}'", a.addr))?
+/// A channel to `addr` (`http://` or `https://`, checked against `ca` when given).
+pub(super) async fn connect(addr: &str, ca: Option<&std::path::Path>) -> Result<Channel> {
+    let mut ep = Endpoint::from_shared(addr.to_owned())
+        .with_context(|| format!("--addr '{addr}'"))?
         .connect_timeout(std::time::Duration::from_secs(5));
-    if a.addr.starts_with("https://") {
+    if addr.starts_with("https://") {
         let mut tls = ClientTlsConfig::new();
-        if let Some(ca) = &a.ca {
+        if let Some(ca) = ca {
             let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
             tls = tls.ca_certificate(Certificate::from_pem(pem));
         }
@@ -271,7 +272,7 @@ async fn connect(a: &QueryArgs) -> Result<Channel> {
     }
     ep.connect()
         .await
-        .with_context(|| format!("connecting to {}", a.addr))
+        .with_context(|| format!("connecting to {addr}"))
 }
 
 fn authorized<T>(msg: T, key: &MetadataValue<tonic::metadata::Ascii>) -> tonic::Request<T> {
@@ -299,7 +300,7 @@ pub fn query(a: QueryArgs) -> Result<Exit> {
 }
 
 async fn run(a: QueryArgs, key: MetadataValue<tonic::metadata::Ascii>) -> Result<Exit> {
-    let ch = connect(&a).await?;
+    let ch = connect(&a.addr, a.ca.as_deref()).await?;
     let mut q = pb::query_client::QueryClient::new(ch.clone());
     match &a.what {
         What::Windows {

@@ -16,7 +16,6 @@ use clap::{Args, ValueEnum};
 use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::path::PathBuf;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 /// Where `tally publish` sends events.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -124,21 +123,7 @@ async fn send(
     mut reader: Box<dyn BufRead + Send>,
     bar: indicatif::ProgressBar,
 ) -> Result<Tally> {
-    let mut ep = Endpoint::from_shared(a.addr.clone())
-        .with_context(|| format!("--addr '{}'", a.addr))?
-        .connect_timeout(std::time::Duration::from_secs(5));
-    if a.addr.starts_with("https://") {
-        let mut tls = ClientTlsConfig::new();
-        if let Some(ca) = &a.ca {
-            let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
-            tls = tls.ca_certificate(Certificate::from_pem(pem));
-        }
-        ep = ep.tls_config(tls)?;
-    }
-    let channel = ep
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {}", a.addr))?;
+    let channel = super::client::connect(&a.addr, a.ca.as_deref()).await?;
     let mut client = pb::ingest_client::IngestClient::new(channel)
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
