@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tally-target}"
 export CARGO_TERM_COLOR=never
 export TALLY_VENV="${TALLY_VENV:-$HOME/.cache/tally-venv}"
+export TALLY_NODE="${TALLY_NODE:-$HOME/.cache/tally-node}"
 
 bash scripts/deps.sh
 

@@ -43,6 +43,13 @@ pub fn tune_allocator() {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 1000) };
 }
 
+/// Makes ring rustls's process-wide crypto provider (every TLS of ours: Redis, the
+/// gRPC server and client). Needed since the AWS SDK's HTTPS client also compiles in
+/// aws-lc-rs: with two providers rustls cannot pick one by itself. Idempotent.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 pub mod archive;
 pub mod cli;
 pub mod dataflow;

@@ -263,6 +263,7 @@ pub(super) async fn connect(addr: &str, ca: Option<&std::path::Path>) -> Result<
         .with_context(|| format!("--addr '{addr}'"))?
         .connect_timeout(std::time::Duration::from_secs(5));
     if addr.starts_with("https://") {
+        crate::install_crypto();
         let mut tls = ClientTlsConfig::new();
         if let Some(ca) = ca {
             let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;

@@ -8,6 +8,14 @@
 //! dead letter. If the connection ends before every event is acknowledged, it says
 //! how many were not: publishing the file again is safe, since a redelivery counts
 //! once.
+//!
+//! To Kinesis it puts every line as one record (PutRecords, up to 500 records or
+//! 5 MiB a call), with the event's provider_id as the partition key, so that a
+//! provider's events share a shard. Lines without a usable provider_id (bad records:
+//! Tally dead-letters them when it reads the stream) go under the key `-`. Records
+//! the stream refuses for throughput are put again with backoff. Every line is sent,
+//! in order within a call; a retried record may land after later ones (Tally's
+//! semantics do not depend on arrival order, beyond lateness).
 
 use super::Exit;
 use crate::query::pb;
@@ -22,16 +30,29 @@ use std::path::PathBuf;
 pub enum Target {
     /// A Tally server's Ingest.Publish (`run --grpc-addr`), with an ingest key.
     Grpc,
+    /// An AWS Kinesis stream (--stream); credentials and region from the standard
+    /// AWS chain (environment, profile, instance or pod role).
+    Kinesis,
 }
 
 #[derive(Args, Debug)]
 pub struct PublishArgs {
     /// JSON Lines events: a file, or `-` for stdin.
     pub input: PathBuf,
-    /// Where to send them. (The Kinesis and Fluvio targets come with those sources.)
+    /// Where to send them. (The Fluvio target comes with the Fluvio source.)
     #[arg(long, value_enum, default_value = "grpc")]
     pub to: Target,
-    /// The server: http://HOST:PORT, or https://HOST:PORT for TLS.
+    /// Kinesis: the stream's name.
+    #[arg(long, required_if_eq("to", "kinesis"))]
+    pub stream: Option<String>,
+    /// Kinesis: the AWS region (default: from AWS_REGION or the profile).
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Kinesis: another endpoint than AWS's, e.g. a local server
+    /// (http://127.0.0.1:4567). Also AWS_ENDPOINT_URL_KINESIS.
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// gRPC: the server, http://HOST:PORT, or https://HOST:PORT for TLS.
     #[arg(long, env = "TALLY_ADDR", default_value = "http://127.0.0.1:50051")]
     pub addr: String,
     /// PEM file of the CA that signed the server's certificate (https).
@@ -55,6 +76,21 @@ struct Tally {
 }
 
 pub fn publish(a: PublishArgs) -> Result<Exit> {
+    let (reader, size) = open(&a)?;
+    let bar = progress_bar(size, a.quiet);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    if a.to == Target::Kinesis {
+        let stream = a.stream.clone().context("--to kinesis needs --stream")?;
+        let k = rt.block_on(kinesis::put(&a, &stream, reader, bar.clone()))?;
+        bar.finish_and_clear();
+        println!(
+            "{} records put to Kinesis stream {stream} in {} calls ({} put again after throttling)",
+            k.records, k.calls, k.retried
+        );
+        return Ok(Exit::Ok);
+    }
     let key = std::env::var("TALLY_API_KEY")
         .ok()
         .filter(|k| !k.is_empty())
@@ -62,21 +98,6 @@ pub fn publish(a: PublishArgs) -> Result<Exit> {
     let key: tonic::metadata::MetadataValue<_> = format!("Bearer {key}")
         .parse()
         .context("TALLY_API_KEY is not a valid header value")?;
-    let (reader, size): (Box<dyn BufRead + Send>, Option<u64>) = if a.input.as_os_str() == "-" {
-        (Box::new(std::io::BufReader::new(std::io::stdin())), None)
-    } else {
-        let f = std::fs::File::open(&a.input)
-            .with_context(|| format!("opening {}", a.input.display()))?;
-        let size = f.metadata().ok().map(|m| m.len());
-        (
-            Box::new(std::io::BufReader::with_capacity(1 << 20, f)),
-            size,
-        )
-    };
-    let bar = progress_bar(size, a.quiet);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let t = rt.block_on(send(&a, key, reader, bar.clone()))?;
     bar.finish_and_clear();
     let dead: u64 = t.dead.values().sum();
@@ -95,6 +116,21 @@ pub fn publish(a: PublishArgs) -> Result<Exit> {
         }
     }
     Ok(if dead > 0 { Exit::BadRecords } else { Exit::Ok })
+}
+
+/// The input and its size when known (a file).
+fn open(a: &PublishArgs) -> Result<(Box<dyn BufRead + Send>, Option<u64>)> {
+    Ok(if a.input.as_os_str() == "-" {
+        (Box::new(std::io::BufReader::new(std::io::stdin())), None)
+    } else {
+        let f = std::fs::File::open(&a.input)
+            .with_context(|| format!("opening {}", a.input.display()))?;
+        let size = f.metadata().ok().map(|m| m.len());
+        (
+            Box::new(std::io::BufReader::with_capacity(1 << 20, f)),
+            size,
+        )
+    })
 }
 
 fn progress_bar(size: Option<u64>, quiet: bool) -> indicatif::ProgressBar {
@@ -214,4 +250,195 @@ async fn send(
         t.sent
     );
     Ok(t)
+}
+
+mod kinesis {
+    //! `tally publish --to kinesis`.
+
+    use super::PublishArgs;
+    use anyhow::{Context, Result};
+    use aws_sdk_kinesis::primitives::Blob;
+    use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+    use std::io::BufRead;
+    use std::time::Duration;
+
+    /// PutRecords limits: records and bytes (data and keys) a call.
+    const MAX_RECORDS: usize = 500;
+    const MAX_BYTES: usize = 5 << 20;
+    /// The partition key of a line without a usable provider_id.
+    const NO_PROVIDER: &str = "-";
+
+    #[derive(Debug, Default)]
+    pub struct Put {
+        pub records: u64,
+        pub calls: u64,
+        pub retried: u64,
+    }
+
+    /// The partition key of a line: its provider_id when it has a usable one.
+    pub fn partition_key(line: &[u8]) -> String {
+        #[derive(serde::Deserialize)]
+        struct Provider {
+            provider_id: Option<serde_json::Value>,
+        }
+        match serde_json::from_slice::<Provider>(line) {
+            Ok(Provider {
+                provider_id: Some(serde_json::Value::String(p)),
+            }) if !p.is_empty() && p.chars().count() <= 256 => p,
+            _ => NO_PROVIDER.to_owned(),
+        }
+    }
+
+    pub async fn put(
+        a: &PublishArgs,
+        stream: &str,
+        mut reader: Box<dyn BufRead + Send>,
+        bar: indicatif::ProgressBar,
+    ) -> Result<Put> {
+        crate::install_crypto();
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(r) = &a.region {
+            loader = loader.region(aws_config::Region::new(r.clone()));
+        }
+        if let Some(e) = &a.endpoint {
+            loader = loader.endpoint_url(e);
+        }
+        let conf = loader.load().await;
+        anyhow::ensure!(
+            conf.region().is_some(),
+            "no AWS region: set --region or AWS_REGION"
+        );
+        let client = aws_sdk_kinesis::Client::new(&conf);
+        client
+            .describe_stream_summary()
+            .stream_name(stream)
+            .send()
+            .await
+            .map_err(|e| {
+                let why = match e.as_service_error() {
+                    Some(s) if s.is_resource_not_found_exception() => {
+                        "it does not exist".to_owned()
+                    }
+                    Some(s) if s.is_access_denied_exception() => "access denied".to_owned(),
+                    _ => aws_sdk_kinesis::error::DisplayErrorContext(&e).to_string(),
+                };
+                anyhow::anyhow!("Kinesis stream '{stream}': {why}")
+            })?;
+        let mut done = Put::default();
+        let mut batch: Vec<PutRecordsRequestEntry> = Vec::new();
+        let mut bytes = 0usize;
+        let mut line = Vec::new();
+        let mut n = 0u64;
+        loop {
+            line.clear();
+            let read = reader
+                .read_until(b'\n', &mut line)
+                .with_context(|| format!("reading {} after line {n}", a.input.display()))?;
+            if read == 0 {
+                if !batch.is_empty() {
+                    put_all(&client, stream, batch, &mut done).await?;
+                }
+                return Ok(done);
+            }
+            n += 1;
+            bar.inc(read as u64);
+            if line.last() == Some(&b'\n') {
+                line.pop();
+            }
+            let key = partition_key(&line);
+            let size = line.len() + key.len();
+            if batch.len() == MAX_RECORDS || bytes + size > MAX_BYTES {
+                put_all(&client, stream, std::mem::take(&mut batch), &mut done).await?;
+                bytes = 0;
+                bar.set_message(format!("{} records put", done.records));
+            }
+            bytes += size;
+            batch.push(
+                PutRecordsRequestEntry::builder()
+                    .data(Blob::new(line.clone()))
+                    .partition_key(key)
+                    .build()
+                    .context("a Kinesis record")?,
+            );
+        }
+    }
+
+    /// Puts `records`, putting again (with backoff) those refused for throughput or
+    /// an internal failure, until all are in.
+    async fn put_all(
+        client: &aws_sdk_kinesis::Client,
+        stream: &str,
+        mut records: Vec<PutRecordsRequestEntry>,
+        done: &mut Put,
+    ) -> Result<()> {
+        let mut backoff = Duration::from_millis(100);
+        while !records.is_empty() {
+            done.calls += 1;
+            let sent = records.len() as u64;
+            let out = match client
+                .put_records()
+                .stream_name(stream)
+                .set_records(Some(records.clone()))
+                .send()
+                .await
+            {
+                Ok(out) => out,
+                Err(e) => {
+                    let throttled = e.as_service_error().is_some_and(|s| {
+                        s.is_provisioned_throughput_exceeded_exception()
+                            || s.is_internal_failure_exception()
+                    });
+                    if !throttled {
+                        anyhow::bail!(
+                            "putting records to Kinesis stream '{stream}' after {} put: {}",
+                            done.records,
+                            aws_sdk_kinesis::error::DisplayErrorContext(&e)
+                        );
+                    }
+                    done.retried += sent;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            if out.failed_record_count().unwrap_or(0) == 0 {
+                done.records += sent;
+                return Ok(());
+            }
+            // Keep the refused ones, in their order; the results are in request order.
+            let refused: Vec<PutRecordsRequestEntry> = records
+                .into_iter()
+                .zip(out.records())
+                .filter(|(_, r)| r.error_code().is_some())
+                .map(|(rec, _)| rec)
+                .collect();
+            done.records += sent - refused.len() as u64;
+            done.retried += refused.len() as u64;
+            records = refused;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn the_partition_key_is_the_provider() {
+            let k = super::partition_key;
+            assert_eq!(k(br#"{"event_id":"1","provider_id":"claro"}"#), "claro");
+            assert_eq!(k(br#"{"provider_id":"Bogot\u00e1"}"#), "Bogot\u{e1}");
+            for bad in [
+                &br#"{"provider_id":""}"#[..],
+                br#"{"provider_id":7}"#,
+                br#"{"event_id":"1"}"#,
+                b"not json",
+                b"[1,2]",
+            ] {
+                assert_eq!(k(bad), "-", "{}", String::from_utf8_lossy(bad));
+            }
+            let long = format!(r#"{{"provider_id":"{}"}}"#, "p".repeat(257));
+            assert_eq!(k(long.as_bytes()), "-");
+        }
+    }
 }

@@ -130,7 +130,7 @@ impl Dataflow {
     /// the leader (process 0) the returned handle takes records as in one process, and
     /// every epoch's outputs reach `outputs` (all of them through worker 0, each local
     /// worker still reporting every epoch). On the other processes it takes no
-    /// records; [`Dataflow::finish`] returns once the leader has finished.
+    /// records; [`Dataflow::join`] returns once the leader has finished.
     pub fn start(
         pipeline: Arc<Pipeline>,
         workers: usize,

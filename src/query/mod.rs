@@ -477,6 +477,7 @@ impl Server {
         let ring = keys::KeyRing::open(&cfg.keys)?;
         let tls = match &cfg.tls {
             Some((cert, key)) => {
+                crate::install_crypto();
                 let read = |p: &PathBuf| {
                     std::fs::read(p).with_context(|| format!("reading {}", p.display()))
                 };

@@ -408,8 +408,7 @@ fn build_client(cfg: &RedisConfig) -> Result<Client, StoreError> {
     if cfg.urls.is_empty() {
         return Err(StoreError::Config("no Redis URL given".into()));
     }
-    // rustls needs one process-wide crypto provider; a second install is a no-op.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::install_crypto();
     let certs =
         match &cfg.ca_file {
             Some(p) => Some(redis::TlsCertificates {

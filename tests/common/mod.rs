@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod grpc;
+pub mod kinesis;
 pub mod redis;
 pub mod reference;
 
