@@ -72,12 +72,13 @@ pub enum Command {
     /// Manage the API keys of the gRPC server (the keys file of `run --keys`).
     #[command(subcommand)]
     Keys(keys::KeysCommand),
-    /// Send JSON Lines events to a running Tally over gRPC (Ingest.Publish, with an
-    /// ingest key from TALLY_API_KEY), each acknowledged once committed.
+    /// Send JSON Lines events to a running Tally over gRPC, or to a Kinesis stream.
     ///
-    /// Prints what was committed and the dead letters by reason with their line
-    /// numbers; exit code 1 when any record was a dead letter. Publishing the same
-    /// input again is safe: a redelivery counts once.
+    /// Over gRPC (Ingest.Publish, with an ingest key from TALLY_API_KEY) each event is
+    /// acknowledged once committed: it prints what was committed and the dead letters
+    /// by reason with their line numbers, and exits 1 when any record was a dead
+    /// letter. To Kinesis (--to kinesis --stream S) each line is a record keyed by its
+    /// provider_id. Publishing the same input again is safe: a redelivery counts once.
     Publish(publish::PublishArgs),
     /// Query a running server over gRPC (providers: windows, summaries, top products,
     /// watch; operators: status).
