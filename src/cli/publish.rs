@@ -78,6 +78,13 @@ struct Tally {
 pub fn publish(a: PublishArgs) -> Result<Exit> {
     let (reader, size) = open(&a)?;
     let bar = progress_bar(size, a.quiet);
+    let reader = Lines {
+        reader,
+        input: a.input.display().to_string(),
+        bar: bar.clone(),
+        line: Vec::new(),
+        n: 0,
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -133,6 +140,36 @@ fn open(a: &PublishArgs) -> Result<(Box<dyn BufRead + Send>, Option<u64>)> {
     })
 }
 
+/// The input's lines without their newline, counted, the bytes read shown on the bar.
+struct Lines {
+    reader: Box<dyn BufRead + Send>,
+    input: String,
+    bar: indicatif::ProgressBar,
+    line: Vec<u8>,
+    /// Lines read so far.
+    n: u64,
+}
+
+impl Lines {
+    /// The next line, `None` at the end.
+    fn next(&mut self) -> Result<Option<&[u8]>> {
+        self.line.clear();
+        let read = self
+            .reader
+            .read_until(b'\n', &mut self.line)
+            .with_context(|| format!("reading {} after line {}", self.input, self.n))?;
+        if read == 0 {
+            return Ok(None);
+        }
+        self.bar.inc(read as u64);
+        self.n += 1;
+        if self.line.last() == Some(&b'\n') {
+            self.line.pop();
+        }
+        Ok(Some(&self.line))
+    }
+}
+
 fn progress_bar(size: Option<u64>, quiet: bool) -> indicatif::ProgressBar {
     use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
     let bar = match size {
@@ -156,7 +193,7 @@ fn progress_bar(size: Option<u64>, quiet: bool) -> indicatif::ProgressBar {
 async fn send(
     a: &PublishArgs,
     key: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
-    mut reader: Box<dyn BufRead + Send>,
+    mut reader: Lines,
     bar: indicatif::ProgressBar,
 ) -> Result<Tally> {
     let channel = super::client::connect(&a.addr, a.ca.as_deref()).await?;
@@ -168,37 +205,23 @@ async fn send(
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::PublishRequest>(4096);
     let lines = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let reading = {
-        let bar = bar.clone();
         let lines = std::sync::Arc::clone(&lines);
-        let input = a.input.display().to_string();
         std::thread::Builder::new()
             .name("tally-publish-read".into())
             .spawn(move || -> Result<u64> {
-                let mut line = Vec::new();
-                let mut n = 0u64;
-                loop {
-                    line.clear();
-                    let read = reader
-                        .read_until(b'\n', &mut line)
-                        .with_context(|| format!("reading {input} after line {n}"))?;
-                    if read == 0 {
-                        return Ok(n);
-                    }
-                    bar.inc(read as u64);
-                    n += 1;
-                    lines.store(n, std::sync::atomic::Ordering::Relaxed);
-                    if line.last() == Some(&b'\n') {
-                        line.pop();
-                    }
+                while let Some(line) = reader.next()? {
+                    let event = line.to_vec();
                     let msg = pb::PublishRequest {
-                        sequence: n,
-                        event: line.clone(),
+                        sequence: reader.n,
+                        event,
                     };
+                    lines.store(reader.n, std::sync::atomic::Ordering::Relaxed);
                     if tx.blocking_send(msg).is_err() {
                         // The call ended early; the error comes from the acks.
-                        return Ok(n - 1);
+                        return Ok(reader.n - 1);
                     }
                 }
+                Ok(reader.n)
             })?
     };
     let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
@@ -259,7 +282,6 @@ mod kinesis {
     use anyhow::{Context, Result};
     use aws_sdk_kinesis::primitives::Blob;
     use aws_sdk_kinesis::types::PutRecordsRequestEntry;
-    use std::io::BufRead;
     use std::time::Duration;
 
     /// PutRecords limits: records and bytes (data and keys) a call.
@@ -292,7 +314,7 @@ mod kinesis {
     pub async fn put(
         a: &PublishArgs,
         stream: &str,
-        mut reader: Box<dyn BufRead + Send>,
+        mut reader: super::Lines,
         bar: indicatif::ProgressBar,
     ) -> Result<Put> {
         crate::install_crypto();
@@ -327,25 +349,14 @@ mod kinesis {
         let mut done = Put::default();
         let mut batch: Vec<PutRecordsRequestEntry> = Vec::new();
         let mut bytes = 0usize;
-        let mut line = Vec::new();
-        let mut n = 0u64;
         loop {
-            line.clear();
-            let read = reader
-                .read_until(b'\n', &mut line)
-                .with_context(|| format!("reading {} after line {n}", a.input.display()))?;
-            if read == 0 {
+            let Some(line) = reader.next()? else {
                 if !batch.is_empty() {
                     put_all(&client, stream, batch, &mut done).await?;
                 }
                 return Ok(done);
-            }
-            n += 1;
-            bar.inc(read as u64);
-            if line.last() == Some(&b'\n') {
-                line.pop();
-            }
-            let key = partition_key(&line);
+            };
+            let key = partition_key(line);
             let size = line.len() + key.len();
             if batch.len() == MAX_RECORDS || bytes + size > MAX_BYTES {
                 put_all(&client, stream, std::mem::take(&mut batch), &mut done).await?;
@@ -355,7 +366,7 @@ mod kinesis {
             bytes += size;
             batch.push(
                 PutRecordsRequestEntry::builder()
-                    .data(Blob::new(line.clone()))
+                    .data(Blob::new(line.to_vec()))
                     .partition_key(key)
                     .build()
                     .context("a Kinesis record")?,
