@@ -129,9 +129,10 @@ pub struct RunArgs {
 
 /// One timely cluster across processes (scale-out). Process 0 reads the inputs,
 /// commits and serves the gRPC API; the others run their share of the dataflow's
-/// workers (--workers each) and ignore inputs, store and gRPC flags. Start every
-/// process with the same pipeline, --workers and hosts file; they wait for each
-/// other. When one dies, all stop: start them all again.
+/// workers (--workers each), ignore the inputs and store flags, and serve only the
+/// gRPC health service on --grpc-addr. Start every process with the same pipeline,
+/// --workers, hosts file and Tally version; they wait for each other. When one
+/// dies, the others exit with code 4: start them all again.
 #[derive(Args, Debug, Clone)]
 pub struct ClusterArgs {
     /// Processes in the cluster.

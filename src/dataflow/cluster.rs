@@ -9,9 +9,9 @@
 //! other processes only compute; their state is rebuilt at every start by the
 //! leader's replay of the staging log, like a single process's.
 //!
-//! A timely cluster stands or falls as one: when a process dies, the others fail
-//! (the connection to it breaks) and every process must be started again, in any
-//! order. The results are those of one process with as many workers: the dataflow
+//! A timely cluster stands or falls as one: when a process dies, the others exit
+//! with [`EXIT_PEER_LOST`] (the connection to it breaks) and every process must be
+//! started again, in any order. The results are those of one process with as many workers: the dataflow
 //! never depends on the worker count.
 //!
 //! Before handing the sockets to timely, each pair of processes exchanges a hello
