@@ -46,6 +46,16 @@ pub const EVENT_TIME: &str = "tally_event_time_seconds";
 pub const FRESHNESS: &str = "tally_freshness_seconds";
 /// Bytes of a file input not yet committed, label `source` (gauge).
 pub const SOURCE_LAG_BYTES: &str = "tally_source_lag_bytes";
+/// Records a source handed over, label `source` (counter; read, not yet committed).
+pub const SOURCE_RECORDS: &str = "tally_source_records_total";
+/// Bytes of those records, label `source` (counter).
+pub const SOURCE_BYTES: &str = "tally_source_bytes_total";
+/// How far a Kinesis shard's reader is behind the shard's newest record
+/// (MillisBehindLatest), seconds, label `source` (gauge).
+pub const SOURCE_LAG_SECONDS: &str = "tally_source_lag_seconds";
+/// Calls a broker refused for throughput, backed off and retried, label `source`
+/// (counter).
+pub const SOURCE_THROTTLED: &str = "tally_source_throttled_total";
 /// Entries held in the dataflow's state, label `stage`: `admit` (event ids within
 /// the dedup horizon), `voids` (void-resolution slots), `rows` (open rows) (gauge).
 pub const STATE_ENTRIES: &str = "tally_state_entries";
@@ -137,6 +147,24 @@ fn describe() {
         SOURCE_LAG_BYTES,
         Unit::Bytes,
         "Bytes of a file input not yet committed"
+    );
+    describe_counter!(
+        SOURCE_RECORDS,
+        "Records a source handed over (read, not yet committed), by source"
+    );
+    describe_counter!(
+        SOURCE_BYTES,
+        Unit::Bytes,
+        "Bytes of the records a source handed over, by source"
+    );
+    describe_gauge!(
+        SOURCE_LAG_SECONDS,
+        Unit::Seconds,
+        "How far a Kinesis shard's reader is behind its newest record"
+    );
+    describe_counter!(
+        SOURCE_THROTTLED,
+        "Broker calls refused for throughput, backed off and retried, by source"
     );
     describe_gauge!(
         STATE_ENTRIES,

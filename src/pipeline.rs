@@ -149,6 +149,8 @@ pub enum SourceSpec {
         follow: bool,
     },
     Stdin,
+    /// Every shard of a Kinesis stream.
+    Kinesis(crate::source::kinesis::KinesisSpec),
 }
 
 /// A validated pipeline.
@@ -384,6 +386,25 @@ enum RawSource {
         follow: bool,
     },
     Stdin,
+    Kinesis {
+        stream: String,
+        start: Option<KinesisStart>,
+        region: Option<String>,
+        endpoint: Option<String>,
+        poll_interval: Option<Dur>,
+    },
+}
+
+/// `trim_horizon`, `latest` or an RFC 3339 instant.
+struct KinesisStart(crate::source::kinesis::StartAt);
+
+impl<'de> Deserialize<'de> for KinesisStart {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse()
+            .map(KinesisStart)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Deserialize)]
@@ -605,6 +626,24 @@ impl RawPipeline {
             .map(|s| match s {
                 RawSource::Files { paths, follow } => SourceSpec::Files { paths, follow },
                 RawSource::Stdin => SourceSpec::Stdin,
+                RawSource::Kinesis {
+                    stream,
+                    start,
+                    region,
+                    endpoint,
+                    poll_interval,
+                } => {
+                    let mut k = crate::source::kinesis::KinesisSpec::new(&stream);
+                    if let Some(s) = start {
+                        k.start = s.0;
+                    }
+                    if let Some(p) = poll_interval {
+                        k.poll_interval = p.0;
+                    }
+                    k.region = region;
+                    k.endpoint = endpoint;
+                    SourceSpec::Kinesis(k)
+                }
             })
             .collect();
         Ok(Pipeline {
@@ -665,6 +704,39 @@ mod tests {
             (top.k, top.key, top.by),
             (5, GroupField::ProductId, Metric::NetAmount)
         );
+    }
+
+    #[test]
+    fn kinesis_sources_parse_and_bad_starts_name_their_line() {
+        use crate::source::kinesis::StartAt;
+        let p = Pipeline::parse(
+            "p.toml",
+            &format!("[[sources]]\nkind = \"kinesis\"\nstream = \"sales\"\nstart = \"latest\"\npoll_interval = \"1s\"\nendpoint = \"http://127.0.0.1:4567\"\n{VIEW}"),
+        )
+        .unwrap();
+        let SourceSpec::Kinesis(k) = &p.sources[0] else {
+            panic!("{:?}", p.sources)
+        };
+        assert_eq!(
+            (
+                k.stream.as_str(),
+                k.start,
+                k.poll_interval,
+                k.region.as_deref()
+            ),
+            ("sales", StartAt::Latest, Duration::from_secs(1), None)
+        );
+        assert_eq!(k.endpoint.as_deref(), Some("http://127.0.0.1:4567"));
+        let e = err(&format!(
+            "[[sources]]\nkind = \"kinesis\"\nstream = \"sales\"\nstart = \"yesterday\"\n{VIEW}"
+        ));
+        // A source's fields are read through its `kind` tag, which hides their own
+        // spans: the error names the source's [[sources]] line.
+        assert!(e.line == 1 && e.reason.contains("'yesterday'"), "{e}");
+        let e = err(&format!(
+            "[[sources]]\nkind = \"kinesis\"\nstream = \"sales\"\nshard = \"0\"\n{VIEW}"
+        ));
+        assert!(e.reason.contains("shard"), "{e}");
     }
 
     #[test]

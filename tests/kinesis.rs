@@ -1,11 +1,16 @@
 //! Kinesis against kinesalite (a real Kinesis API server, in memory, on loopback):
-//! `tally publish --to kinesis` puts every line once, keyed by provider.
+//! `tally publish --to kinesis` puts every line once, keyed by provider; `tally run
+//! --kinesis` reads every shard to the same export as the file it was published
+//! from, across a kill, a split and a merge, and throttling.
 
 mod common;
 
 use common::kinesis::{Kinesalite, ENV};
 use common::{gen_to, tally};
 use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -19,12 +24,11 @@ fn rt() -> tokio::runtime::Runtime {
 /// without one), and each provider's records share one shard.
 #[test]
 fn publish_puts_every_line_once_keyed_by_provider() {
-    let k = Kinesalite::start();
-    let rt = rt();
-    rt.block_on(k.create_stream("sales", 2));
-    let tmp = tempfile::tempdir().unwrap();
-    let events = tmp.path().join("events.jsonl");
-    gen_to(&events, &["--events", "3000", "--bad-rate", "0.02"]);
+    let (k, rt, _tmp, events) = two_shards(
+        &[],
+        "events.jsonl",
+        &["--events", "3000", "--bad-rate", "0.02"],
+    );
     let out = tally()
         .args(["publish", events.to_str().unwrap(), "--to", "kinesis"])
         .args(["--stream", "sales", "--endpoint", &k.endpoint()])
@@ -89,6 +93,477 @@ fn publish_names_a_missing_stream() {
         .args(["publish", events.to_str().unwrap(), "--to", "kinesis"])
         .args(["--stream", "nope", "--endpoint", &k.endpoint()])
         .envs(ENV)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Kinesis stream 'nope': it does not exist"),
+        "{err}"
+    );
+}
+
+/// A kinesalite (with `options`) holding the 2-shard stream `sales`, a scratch
+/// directory, and `tally gen ARGS` in it as `name`.
+fn two_shards(
+    options: &[&str],
+    name: &str,
+    gen_args: &[&str],
+) -> (
+    Kinesalite,
+    tokio::runtime::Runtime,
+    tempfile::TempDir,
+    std::path::PathBuf,
+) {
+    let k = Kinesalite::start_with(options);
+    let rt = rt();
+    rt.block_on(k.create_stream("sales", 2));
+    let tmp = tempfile::tempdir().unwrap();
+    let events = tmp.path().join(name);
+    gen_to(&events, gen_args);
+    (k, rt, tmp, events)
+}
+
+/// `tally publish FILE --to kinesis --stream STREAM` against `k`; panics if it fails.
+fn publish(k: &Kinesalite, stream: &str, file: &Path) {
+    let out = tally()
+        .args(["publish", file.to_str().unwrap(), "--to", "kinesis"])
+        .args(["--stream", stream, "--endpoint", &k.endpoint()])
+        .envs(ENV)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "publish: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `tally run --kinesis STREAM` against `k` on `data`, with `extra` arguments.
+fn run_stream(k: &Kinesalite, stream: &str, data: &Path, extra: &[&str]) -> Command {
+    let mut c = tally();
+    c.args([
+        "run",
+        "--kinesis",
+        stream,
+        "--kinesis-endpoint",
+        &k.endpoint(),
+    ])
+    .arg("--data-dir")
+    .arg(data)
+    .args(extra)
+    .envs(ENV);
+    c
+}
+
+/// What a store holds, to compare runs: the export, and the dead letters as sorted
+/// (reason, raw record) (their sources, offsets and epochs differ by design).
+fn outcome(data: &Path) -> (String, Vec<(String, String)>) {
+    let export = common::ok(&["export", "--data-dir", data.to_str().unwrap()]);
+    let text = std::fs::read_to_string(data.join("dead-letters.jsonl")).unwrap_or_default();
+    let mut dead: Vec<(String, String)> = text
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["reason"].as_str().unwrap().to_owned(),
+                v["raw"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    dead.sort();
+    (String::from_utf8(export.stdout).unwrap(), dead)
+}
+
+/// Asserts two outcomes equal, naming the first differences.
+fn assert_same(got: &(String, Vec<(String, String)>), want: &(String, Vec<(String, String)>)) {
+    let only = |a: &[(String, String)], b: &[(String, String)]| -> Vec<(String, String)> {
+        a.iter()
+            .filter(|x| !b.contains(x))
+            .take(3)
+            .cloned()
+            .collect()
+    };
+    assert!(
+        got.1 == want.1,
+        "dead letters differ: {} against {}; only in the stream's: {:?}; only in the file's: {:?}",
+        got.1.len(),
+        want.1.len(),
+        only(&got.1, &want.1),
+        only(&want.1, &got.1)
+    );
+    let (g, w): (Vec<&str>, Vec<&str>) = (got.0.lines().collect(), want.0.lines().collect());
+    let first = g.iter().zip(&w).position(|(a, b)| a != b);
+    assert!(
+        got.0 == want.0,
+        "exports differ: {} rows against {}; first difference at row {first:?}: {:?} against {:?}",
+        g.len(),
+        w.len(),
+        first.map(|i| g[i]),
+        first.map(|i| w[i])
+    );
+}
+
+/// The outcome of a plain file run of `input` (with `pipeline`, or the default).
+fn file_outcome(
+    input: &Path,
+    scratch: &Path,
+    pipeline: Option<&Path>,
+) -> (String, Vec<(String, String)>) {
+    let data = scratch.join("file-run");
+    common::run_until_eof(input, &data, Some(1), pipeline, None);
+    outcome(&data)
+}
+
+fn line_count(p: &Path) -> u64 {
+    std::fs::read(p)
+        .unwrap()
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count() as u64
+}
+
+/// The store's meta in `data` (embedded).
+fn meta(data: &Path) -> tally::store::Meta {
+    let s = tally::store::embedded::EmbeddedStore::open(data).unwrap();
+    tally::store::Store::meta(&s).clone()
+}
+
+/// Waits until the run scraped on `addr` has committed `n` records.
+fn wait_committed(addr: &str, n: u64) {
+    common::wait_for(
+        &format!("{n} records committed"),
+        Duration::from_secs(120),
+        || {
+            std::net::TcpStream::connect(addr).is_ok()
+                && common::find_metric(&common::scrape(addr), "tally_records_total")
+                    == Some(n as f64)
+        },
+    );
+}
+
+/// SIGTERM, then the exit: it must be 0.
+fn stop(child: Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A generated stream with bad records of every reason, published to 2 shards and
+/// read by `tally run --kinesis`, killed (-9) after its first commit and run again
+/// to the end: the export and the dead letters are the file's. Every record is
+/// committed exactly once (none read again from the start: the restart resumes
+/// after each shard's committed sequence number), and a third run reads nothing.
+#[test]
+fn a_stream_gives_the_files_export_across_a_kill_resuming_at_sequence_numbers() {
+    let (k, _rt, tmp, events) = two_shards(
+        &[],
+        "events.jsonl",
+        &["--events", "30000", "--seed", "7", "--bad-rate", "0.01"],
+    );
+    let lines = line_count(&events);
+    publish(&k, "sales", &events);
+    let want = file_outcome(&events, tmp.path(), None);
+
+    let data = tmp.path().join("d");
+    let addr = format!("127.0.0.1:{}", common::redis::free_port());
+    let args = ["--until-eof", "--workers", "2", "--metrics-addr", &addr];
+    let mut child = run_stream(&k, "sales", &data, &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    common::wait_for("a first commit", Duration::from_secs(60), || {
+        std::net::TcpStream::connect(&addr).is_ok()
+            && common::find_metric(&common::scrape(&addr), "tally_records_total")
+                .is_some_and(|n| n > 0.0)
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = meta(&data);
+    assert!(
+        before.counters.records > 0 && before.counters.records < lines,
+        "the kill landed mid-run: {} of {lines} committed",
+        before.counters.records
+    );
+
+    let out = run_stream(&k, "sales", &data, &["--until-eof", "--workers", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same(&outcome(&data), &want);
+    let m = meta(&data);
+    assert_eq!(m.counters.records, lines, "every record committed once");
+    assert_eq!(m.checkpoints["kinesis:sales"], "trim_horizon");
+    let shards: Vec<&String> = m
+        .checkpoints
+        .keys()
+        .filter(|n| n.starts_with("kinesis:sales/"))
+        .collect();
+    assert_eq!(shards.len(), 2, "{:?}", m.checkpoints);
+    let mut counted = 0;
+    for name in shards {
+        assert!(m.checkpoints[name].starts_with("after:"), "{name}");
+        counted += m.positions[name];
+    }
+    assert_eq!(counted, lines, "the shards' record counts add up");
+
+    // Nothing new: a third run commits nothing and changes nothing.
+    let out = run_stream(&k, "sales", &data, &["--until-eof"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(meta(&data).counters.records, lines);
+    assert_same(&outcome(&data), &want);
+}
+
+/// Resharding: a split before the run and a merge during it. Each provider's records
+/// move from a parent to its children; copies of earlier events with other fields
+/// (conflicting duplicates) put after the split must lose to the originals in the
+/// parent, which they do only if the parent is read to its end before its children.
+/// The children are found when the parent ends, mid-run, and everything read equals
+/// the file of all three parts.
+#[test]
+fn a_split_and_a_merge_read_parents_first_and_lose_nothing() {
+    let (k, rt, tmp, all) = two_shards(
+        &[],
+        "all.jsonl",
+        &["--events", "9000", "--seed", "11", "--bad-rate", "0.01"],
+    );
+    let bytes = std::fs::read(&all).unwrap();
+    let lines: Vec<&[u8]> = bytes
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(lines.len(), 9000);
+    let (p1, rest) = lines.split_at(3000);
+    let (p2, p3) = rest.split_at(3000);
+    // Each provider's last sale of part 1 again, with another customer and a minute
+    // older: a copy that would win (be counted, the original refused) if it were
+    // read first, as an event-time merge of parent and children would read it.
+    let mut last: BTreeMap<String, (serde_json::Value, i64)> = BTreeMap::new();
+    for l in p1 {
+        if let Ok(e) = tally::decode::decode(l) {
+            if e.kind == tally::model::Kind::Sale {
+                let v: serde_json::Value = serde_json::from_slice(l).unwrap();
+                last.insert(e.provider_id.to_string(), (v, e.ts));
+            }
+        }
+    }
+    let conflicts: Vec<Vec<u8>> = last
+        .into_values()
+        .map(|(mut v, ts)| {
+            let customer = format!("x-{}", v["customer_id"].as_str().unwrap());
+            v["customer_id"] = customer.into();
+            v["ts"] = (ts - 60_000).into();
+            serde_json::to_vec(&v).unwrap()
+        })
+        .collect();
+    assert!(conflicts.len() >= 10, "{}", conflicts.len());
+    let write = |name: &str, parts: &[&[&[u8]]]| {
+        let p = tmp.path().join(name);
+        let mut body = Vec::new();
+        for part in parts {
+            for l in *part {
+                body.extend_from_slice(l);
+                body.push(b'\n');
+            }
+        }
+        std::fs::write(&p, body).unwrap();
+        p
+    };
+    let c: Vec<&[u8]> = conflicts.iter().map(Vec::as_slice).collect();
+    let part1 = write("p1.jsonl", &[p1]);
+    let part2 = write("p2.jsonl", &[&c, p2]);
+    let part3 = write("p3.jsonl", &[p3]);
+    let whole = write("whole.jsonl", &[p1, &c, p2, p3]);
+    // Epochs of 50 records: inside one epoch the dataflow orders copies by source
+    // and offset (a parent's index is the lower), so only small epochs let reading
+    // order show.
+    let pipeline = tmp.path().join("small-epochs.toml");
+    let text = tally::pipeline::DEFAULT_PIPELINE.replace("max_events = 100000", "max_events = 50");
+    assert_ne!(text, tally::pipeline::DEFAULT_PIPELINE);
+    std::fs::write(&pipeline, text).unwrap();
+    let want = file_outcome(&whole, tmp.path(), Some(&pipeline));
+    for c in &conflicts {
+        let raw = std::str::from_utf8(c).unwrap();
+        assert!(
+            want.1.iter().any(|(_, r)| r == raw),
+            "the later copy loses in the file: {raw}"
+        );
+    }
+
+    publish(&k, "sales", &part1);
+    rt.block_on(k.split("sales", "shardId-000000000000"));
+    publish(&k, "sales", &part2);
+
+    let data = tmp.path().join("d");
+    let addr = format!("127.0.0.1:{}", common::redis::free_port());
+    let args = [
+        "--metrics-addr",
+        &addr,
+        "--pipeline",
+        pipeline.to_str().unwrap(),
+    ];
+    let child = run_stream(&k, "sales", &data, &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_committed(&addr, line_count(&part1) + line_count(&part2));
+    // Merge the split's two children while the run reads them.
+    let shards = rt.block_on(k.shards("sales"));
+    let open: Vec<&str> = shards
+        .iter()
+        .filter(|(id, open)| *open && id != "shardId-000000000001")
+        .map(|(id, _)| id.as_str())
+        .collect();
+    assert_eq!(open.len(), 2, "{shards:?}");
+    rt.block_on(k.merge("sales", open[0], open[1]));
+    publish(&k, "sales", &part3);
+    wait_committed(&addr, line_count(&whole));
+    stop(child);
+
+    assert_same(&outcome(&data), &want);
+    let m = meta(&data);
+    let ends: Vec<&str> = m
+        .checkpoints
+        .iter()
+        .filter(|(_, c)| *c == "end")
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(
+        ends,
+        [
+            "kinesis:sales/shardId-000000000000",
+            "kinesis:sales/shardId-000000000002",
+            "kinesis:sales/shardId-000000000003"
+        ],
+        "the split shard and both children were read to their ends"
+    );
+    assert!(m.checkpoints["kinesis:sales/shardId-000000000004"].starts_with("after:"));
+}
+
+/// Every third GetRecords call throttled: the reader backs off, counts each one in
+/// `tally_source_throttled_total`, and loses nothing.
+#[test]
+fn throttled_reads_back_off_and_lose_nothing() {
+    let (k, _rt, tmp, events) = two_shards(
+        &["--throttle-get-records", "3"],
+        "events.jsonl",
+        &["--events", "6000", "--seed", "5", "--bad-rate", "0.01"],
+    );
+    publish(&k, "sales", &events);
+    let want = file_outcome(&events, tmp.path(), None);
+
+    let data = tmp.path().join("d");
+    let addr = format!("127.0.0.1:{}", common::redis::free_port());
+    let child = run_stream(&k, "sales", &data, &["--metrics-addr", &addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_committed(&addr, line_count(&events));
+    let injected_before = k.throttled();
+    let m = common::scrape(&addr);
+    let counted: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("tally_source_throttled_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    stop(child);
+    assert!(injected_before >= 1, "kinesalite throttled no call");
+    assert!(
+        counted >= 1.0 && counted <= k.throttled() as f64,
+        "{counted} throttles counted, {} injected",
+        k.throttled()
+    );
+    assert_same(&outcome(&data), &want);
+    assert_eq!(meta(&data).counters.records, line_count(&events));
+}
+
+/// `--kinesis-start latest`: records put before the first start are not read, those
+/// put after are; a restart resumes from the committed sequence numbers (not from
+/// the new latest), so what was put while it was down is read too.
+#[test]
+fn latest_starts_at_the_first_run_and_restarts_resume() {
+    let (k, _rt, tmp, all) = two_shards(&[], "all.jsonl", &["--events", "3000", "--seed", "3"]);
+    let text = std::fs::read_to_string(&all).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let part = |name: &str, ls: &[&str]| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, ls.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+        p
+    };
+    let (old, new) = (
+        part("old.jsonl", &lines[..1000]),
+        part("new.jsonl", &lines[1000..2000]),
+    );
+    let later = part("later.jsonl", &lines[2000..]);
+    let read = part("read.jsonl", &lines[1000..]);
+    publish(&k, "sales", &old);
+
+    let data = tmp.path().join("d");
+    let addr = format!("127.0.0.1:{}", common::redis::free_port());
+    let args = ["--metrics-addr", &addr, "--kinesis-start", "latest"];
+    let child = run_stream(&k, "sales", &data, &args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Both shards are being read once each has answered (its lag gauge is set).
+    common::wait_for("both shards read", Duration::from_secs(60), || {
+        std::net::TcpStream::connect(&addr).is_ok()
+            && common::scrape(&addr)
+                .lines()
+                .filter(|l| l.starts_with("tally_source_lag_seconds{"))
+                .count()
+                == 2
+    });
+    publish(&k, "sales", &new);
+    wait_committed(&addr, 1000);
+    stop(child);
+    publish(&k, "sales", &later);
+    let out = run_stream(
+        &k,
+        "sales",
+        &data,
+        &["--until-eof", "--kinesis-start", "latest"],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same(&outcome(&data), &file_outcome(&read, tmp.path(), None));
+    let m = meta(&data);
+    assert_eq!(m.counters.records, 2000);
+    assert!(m.checkpoints["kinesis:sales"].starts_with("at:"));
+}
+
+/// A stream that does not exist fails the start, naming it (exit code 3).
+#[test]
+fn run_names_a_missing_stream() {
+    let k = Kinesalite::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run_stream(&k, "nope", &tmp.path().join("d"), &["--until-eof"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(3));

@@ -82,6 +82,11 @@ fn commit(epoch: u64, clock: i64, changes: Vec<(StoredRow, bool)>) -> Commit {
         epoch,
         clock,
         positions: [(format!("in-{}.jsonl", epoch % 2), 100 * epoch)].into(),
+        checkpoints: [(
+            format!("kinesis:s/shard-{}", epoch % 2),
+            format!("after:{}", "4".repeat(56) + &epoch.to_string()),
+        )]
+        .into(),
         staging_len: 1000 * epoch,
         dead_letters_len: 10 * epoch,
         counters: Counters {
@@ -191,6 +196,22 @@ fn conformance(open: &dyn Fn() -> Box<dyn Store>) {
         [
             ("in-0.jsonl".to_owned(), 200),
             ("in-1.jsonl".to_owned(), 100)
+        ]
+        .into()
+    );
+    // Sequence numbers too long for any integer come back as committed, the latest
+    // per source.
+    assert_eq!(
+        m.checkpoints,
+        [
+            (
+                "kinesis:s/shard-0".to_owned(),
+                format!("after:{}2", "4".repeat(56))
+            ),
+            (
+                "kinesis:s/shard-1".to_owned(),
+                format!("after:{}1", "4".repeat(56))
+            )
         ]
         .into()
     );

@@ -100,6 +100,23 @@ pub struct RunArgs {
     /// Dataflow worker threads. Default: the number of cores.
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Read every shard of this Kinesis stream (by name; repeat for several). With the
+    /// file inputs, replaces the pipeline's sources. Credentials come from the
+    /// standard AWS chain. Reading goes on until stopped; with --until-eof, until
+    /// every shard has been read to its current end.
+    #[arg(long, value_name = "STREAM")]
+    pub kinesis: Vec<String>,
+    /// Where a --kinesis stream's first run starts: trim_horizon (the oldest record
+    /// kept), latest, or an RFC 3339 instant (AT_TIMESTAMP). Later runs resume from
+    /// the committed sequence numbers.
+    #[arg(long, default_value = "trim_horizon", requires = "kinesis")]
+    pub kinesis_start: String,
+    /// The Kinesis endpoint, for a local server (default: AWS's for the region).
+    #[arg(long, env = "TALLY_KINESIS_ENDPOINT", requires = "kinesis")]
+    pub kinesis_endpoint: Option<String>,
+    /// The AWS region of --kinesis (default: the standard chain, e.g. AWS_REGION).
+    #[arg(long, requires = "kinesis")]
+    pub kinesis_region: Option<String>,
     /// Keep reading files as they grow.
     #[arg(long)]
     pub follow: bool,
@@ -446,7 +463,7 @@ fn run(a: RunArgs) -> Result<Exit> {
     if let Some(c) = cluster.as_ref().filter(|c| c.process > 0) {
         return follow(&a, pipeline, c);
     }
-    let (mut inputs, follow) = if a.inputs.is_empty() {
+    let (mut inputs, follow) = if a.inputs.is_empty() && a.kinesis.is_empty() {
         let mut inputs = Vec::new();
         let mut follow = a.follow;
         for s in &pipeline.sources {
@@ -456,6 +473,7 @@ fn run(a: RunArgs) -> Result<Exit> {
                     follow |= *f;
                     inputs.extend(paths.iter().cloned().map(Input::Path));
                 }
+                SourceSpec::Kinesis(k) => inputs.push(Input::Kinesis(k.clone())),
             }
         }
         anyhow::ensure!(
@@ -465,7 +483,7 @@ fn run(a: RunArgs) -> Result<Exit> {
         );
         (inputs, follow)
     } else {
-        let inputs = a
+        let mut inputs: Vec<Input> = a
             .inputs
             .iter()
             .map(|p| {
@@ -476,6 +494,17 @@ fn run(a: RunArgs) -> Result<Exit> {
                 }
             })
             .collect();
+        let start: crate::source::kinesis::StartAt = a
+            .kinesis_start
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--kinesis-start: {e}"))?;
+        for stream in &a.kinesis {
+            let mut k = crate::source::kinesis::KinesisSpec::new(stream);
+            k.start = start;
+            k.endpoint.clone_from(&a.kinesis_endpoint);
+            k.region.clone_from(&a.kinesis_region);
+            inputs.push(Input::Kinesis(k));
+        }
         (inputs, a.follow)
     };
     let store = a.store.config(Some(&pipeline))?;
@@ -571,7 +600,11 @@ fn follow(a: &RunArgs, pipeline: Arc<Pipeline>, c: &crate::dataflow::Cluster) ->
     if let Some(addr) = &a.metrics_addr {
         crate::metrics::serve(addr).with_context(|| format!("--metrics-addr {addr}"))?;
     }
-    if !a.inputs.is_empty() || a.store.redis.is_some() || a.export.is_some() {
+    if !a.inputs.is_empty()
+        || !a.kinesis.is_empty()
+        || a.store.redis.is_some()
+        || a.export.is_some()
+    {
         tracing::info!(
             process = c.process,
             "inputs, the store, exports and the gRPC API belong to process 0: ignored here \

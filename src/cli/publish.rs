@@ -317,35 +317,13 @@ mod kinesis {
         mut reader: super::Lines,
         bar: indicatif::ProgressBar,
     ) -> Result<Put> {
-        crate::install_crypto();
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-        if let Some(r) = &a.region {
-            loader = loader.region(aws_config::Region::new(r.clone()));
-        }
-        if let Some(e) = &a.endpoint {
-            loader = loader.endpoint_url(e);
-        }
-        let conf = loader.load().await;
-        anyhow::ensure!(
-            conf.region().is_some(),
-            "no AWS region: set --region or AWS_REGION"
-        );
-        let client = aws_sdk_kinesis::Client::new(&conf);
-        client
-            .describe_stream_summary()
-            .stream_name(stream)
-            .send()
+        let client =
+            crate::source::kinesis::client(a.region.as_deref(), a.endpoint.as_deref(), true)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        crate::source::kinesis::check_stream(&client, stream)
             .await
-            .map_err(|e| {
-                let why = match e.as_service_error() {
-                    Some(s) if s.is_resource_not_found_exception() => {
-                        "it does not exist".to_owned()
-                    }
-                    Some(s) if s.is_access_denied_exception() => "access denied".to_owned(),
-                    _ => aws_sdk_kinesis::error::DisplayErrorContext(&e).to_string(),
-                };
-                anyhow::anyhow!("Kinesis stream '{stream}': {why}")
-            })?;
+            .map_err(|why| anyhow::anyhow!("Kinesis stream '{stream}': {why}"))?;
         let mut done = Put::default();
         let mut batch: Vec<PutRecordsRequestEntry> = Vec::new();
         let mut bytes = 0usize;

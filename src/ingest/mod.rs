@@ -157,6 +157,7 @@ struct EpochMeta {
     clock: Millis,
     replay: bool,
     positions: BTreeMap<String, u64>,
+    checkpoints: BTreeMap<String, String>,
     staged: StagedEpoch,
     line_dead: Vec<(Position, Reason, Vec<u8>)>,
     alerts: Vec<Alert>,
@@ -258,8 +259,12 @@ pub fn run(
     }
 
     let stop = Arc::clone(&cfg.stop);
-    let sources = Sources::start(&cfg.inputs, &meta.positions, cfg.follow, Arc::clone(&stop))?;
-    let mut names: Vec<String> = sources.names.clone();
+    let resume = crate::source::Resume {
+        positions: meta.positions.clone(),
+        checkpoints: meta.checkpoints.clone(),
+    };
+    let sources = Sources::start(&cfg.inputs, &resume, cfg.follow, Arc::clone(&stop))?;
+    let registry = sources.names.clone();
 
     let (out_tx, out_rx) = crossbeam_channel::unbounded::<EpochOutput>();
     let (meta_tx, meta_rx) = crossbeam_channel::unbounded::<EpochMeta>();
@@ -299,11 +304,7 @@ pub fn run(
                 return Err(staging_err(e));
             }
         };
-        let idx: Vec<u32> = s
-            .sources
-            .iter()
-            .map(|n| source_index(&mut names, n))
-            .collect();
+        let idx: Vec<u32> = s.sources.iter().map(|n| registry.index(n)).collect();
         let records: Vec<Record> = s
             .records
             .into_iter()
@@ -327,6 +328,7 @@ pub fn run(
             clock: s.clock,
             replay: true,
             positions: BTreeMap::new(),
+            checkpoints: BTreeMap::new(),
             staged: StagedEpoch::default(),
             line_dead: Vec::new(),
             alerts: Vec::new(),
@@ -338,8 +340,8 @@ pub fn run(
         replayed += 1;
     }
 
-    // Live reading.
-    let names = Arc::new(names);
+    // Live reading. Names by index, taken again when a source shows a new one.
+    let mut names = Arc::new(registry.snapshot());
     let mut epoch = meta.epoch + 1;
     // No event time read yet on a fresh store (0 would be a real instant: 1970).
     let mut clock = if meta.epoch == 0 {
@@ -348,6 +350,7 @@ pub fn run(
         meta.clock
     };
     let mut positions = meta.positions.clone();
+    let mut checkpoints = meta.checkpoints.clone();
     let mut open = Open::new(epoch, clock);
     let mut pending: Vec<Record> = Vec::new();
     let mut eofs = 0;
@@ -366,8 +369,16 @@ pub fn run(
         let mut close = false;
         let mut done = false;
         match sources.rx.recv_deadline(deadline) {
-            Ok(SourceMsg::Lines { source, lines }) => {
+            Ok(SourceMsg::Lines {
+                source,
+                lines,
+                checkpoint,
+            }) => {
+                if source as usize >= names.len() {
+                    names = Arc::new(registry.snapshot());
+                }
                 let name = &names[source as usize];
+                read_counters(name, &lines);
                 let mut end = None;
                 for line in lines {
                     let pos = Position {
@@ -411,6 +422,9 @@ pub fn run(
                 if let Some(end) = end {
                     positions.insert(name.clone(), end);
                 }
+                if let Some(c) = checkpoint {
+                    checkpoints.insert(name.clone(), c);
+                }
                 // A busy channel never times out: the time limit is checked here too.
                 close = open.records >= max_events as u64 || Instant::now() >= deadline;
             }
@@ -443,7 +457,12 @@ pub fn run(
             df.send(epoch, std::mem::take(&mut pending));
             df.close(epoch, clock);
             let closed = std::mem::replace(&mut open, Open::new(epoch + 1, clock));
-            let _ = meta_tx.send(closed.into_meta(epoch, clock, positions.clone(), &names));
+            let _ = meta_tx.send(closed.into_meta(
+                epoch,
+                clock,
+                (positions.clone(), checkpoints.clone()),
+                &names,
+            ));
             metrics::gauge!(crate::metrics::EPOCHS_PENDING).increment(1.0);
             committed_epochs += 1;
             epoch += 1;
@@ -460,7 +479,7 @@ pub fn run(
     if open.records > 0 && failure.is_none() && !committer.is_finished() {
         df.send(epoch, std::mem::take(&mut pending));
         df.close(epoch, clock);
-        let _ = meta_tx.send(open.into_meta(epoch, clock, positions, &names));
+        let _ = meta_tx.send(open.into_meta(epoch, clock, (positions, checkpoints), &names));
         metrics::gauge!(crate::metrics::EPOCHS_PENDING).increment(1.0);
         committed_epochs += 1;
         epoch += 1;
@@ -546,7 +565,7 @@ impl Open {
         mut self,
         epoch: Epoch,
         clock: Millis,
-        positions: BTreeMap<String, u64>,
+        (positions, checkpoints): (BTreeMap<String, u64>, BTreeMap<String, String>),
         names: &Arc<Vec<String>>,
     ) -> EpochMeta {
         self.staged.epoch = epoch;
@@ -556,6 +575,7 @@ impl Open {
             clock,
             replay: false,
             positions,
+            checkpoints,
             staged: self.staged,
             line_dead: self.line_dead,
             alerts: self.alerts,
@@ -577,16 +597,6 @@ impl Open {
             alerts: Vec::new(),
             records: 0,
             decoded: 0,
-        }
-    }
-}
-
-fn source_index(names: &mut Vec<String>, name: &str) -> u32 {
-    match names.iter().position(|n| n == name) {
-        Some(i) => i as u32,
-        None => {
-            names.push(name.to_owned());
-            (names.len() - 1) as u32
         }
     }
 }
@@ -773,6 +783,7 @@ fn commit_epoch(
         epoch: m.epoch,
         clock: m.clock,
         positions: m.positions,
+        checkpoints: m.checkpoints,
         staging_len,
         dead_letters_len,
         counters,
@@ -887,6 +898,17 @@ fn commit_with_retry(
             }
         }
     }
+}
+
+/// Counts records and bytes as a source hands them over (per batch).
+fn read_counters(name: &str, lines: &[crate::source::Line]) {
+    use crate::metrics as m;
+    if lines.is_empty() {
+        return;
+    }
+    let bytes: usize = lines.iter().map(|l| l.raw.len()).sum();
+    metrics::counter!(m::SOURCE_RECORDS, "source" => name.to_owned()).increment(lines.len() as u64);
+    metrics::counter!(m::SOURCE_BYTES, "source" => name.to_owned()).increment(bytes as u64);
 }
 
 /// Counts a committed epoch in the metrics.

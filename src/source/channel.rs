@@ -136,7 +136,14 @@ impl Feeder {
                     }
                 })
                 .collect();
-            if tx.send(SourceMsg::Lines { source: idx, lines }).is_err() {
+            if tx
+                .send(SourceMsg::Lines {
+                    source: idx,
+                    lines,
+                    checkpoint: None,
+                })
+                .is_err()
+            {
                 break;
             }
         }

@@ -503,6 +503,7 @@ pub(super) fn stream(
                 .send(SourceMsg::Lines {
                     source: idx,
                     lines: std::mem::take(&mut batch),
+                    checkpoint: None,
                 })
                 .is_err()
             {
@@ -517,6 +518,7 @@ pub(super) fn stream(
         let _ = tx.send(SourceMsg::Lines {
             source: idx,
             lines: batch,
+            checkpoint: None,
         });
     }
 }

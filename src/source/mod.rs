@@ -1,8 +1,11 @@
 //! Sources: where records come from, each with a position (source name, byte offset).
 //!
 //! An input is a JSON Lines file, a directory of them (read in name order), stdin,
-//! the built-in generator ([`gen`]), or records the process hands over itself
-//! ([`channel`], for gRPC Publish; its position is a record count). Each input is
+//! the built-in generator ([`gen`]), records the process hands over itself
+//! ([`channel`], for gRPC Publish; its position is a record count), or a Kinesis
+//! stream ([`kinesis`]: one source per shard, numbered by record, resumed from the
+//! sequence number committed as its checkpoint). Source names are indexed in one
+//! [`Names`] registry, which grows as shards appear. Each input is
 //! read by its own thread, which splits lines, decodes them (decode is pure and per
 //! line, so it runs beside the dataflow) and sends batches to the ingest loop over a
 //! bounded channel: a slow dataflow blocks the readers (backpressure). A reader starts at the committed offset of each of its files.
@@ -11,6 +14,7 @@
 
 pub mod channel;
 pub mod gen;
+pub mod kinesis;
 
 use crate::decode::{decode, Reason};
 use crate::model::Event;
@@ -20,7 +24,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Something to read.
@@ -33,6 +37,8 @@ pub enum Input {
     Generated(gen::GenOptions),
     /// Records the process hands over itself (gRPC Publish).
     Channel(channel::Feeder),
+    /// Every shard of a Kinesis stream.
+    Kinesis(kinesis::KinesisSpec),
 }
 
 /// A source could not be opened or read.
@@ -45,6 +51,10 @@ pub enum SourceError {
     },
     #[error("input {path}: the committed position {offset} is past the end of the file ({len} bytes); was it truncated or replaced?")]
     Shrunk { path: String, offset: u64, len: u64 },
+    /// A Kinesis stream cannot be read: missing, access denied, misconfigured, or a
+    /// failure retrying does not mend.
+    #[error("Kinesis stream '{stream}': {reason}")]
+    Kinesis { stream: String, reason: String },
 }
 
 /// One record read: where, its bytes (without the newline) and what decoding made of it.
@@ -60,18 +70,55 @@ pub enum SourceMsg {
     Lines {
         source: u32,
         lines: Vec<Line>,
+        /// Where the source resumes after these lines, for a source whose position
+        /// is not a number (committed with them); may come with no lines.
+        checkpoint: Option<String>,
     },
     /// An input has been read to its end (never sent while following).
     Eof,
     Failed(SourceError),
 }
 
+/// Source names by index, shared by the readers and the run loop: file paths as
+/// given, `-` for stdin, `gen:<seed>`, `grpc`, `kinesis:<stream>/<shard>`. A name
+/// keeps its index for the whole run; new ones (shards after a reshard, names read
+/// back from the staging log) are added at the end.
+#[derive(Clone, Debug, Default)]
+pub struct Names(Arc<Mutex<Vec<String>>>);
+
+impl Names {
+    /// The index of `name`, added if new.
+    pub fn index(&self, name: &str) -> u32 {
+        let mut names = self.0.lock().expect("names lock");
+        match names.iter().position(|n| n == name) {
+            Some(i) => i as u32,
+            None => {
+                names.push(name.to_owned());
+                (names.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Every name so far, by index.
+    pub fn snapshot(&self) -> Vec<String> {
+        self.0.lock().expect("names lock").clone()
+    }
+}
+
 /// Running readers.
 pub struct Sources {
-    /// Source names by index: file paths as given, `-` for stdin, `gen:<seed>`.
-    pub names: Vec<String>,
+    pub names: Names,
     pub rx: Receiver<SourceMsg>,
     pub inputs: usize,
+}
+
+/// Where the committed epochs left each source.
+#[derive(Clone, Debug, Default)]
+pub struct Resume {
+    /// Per source name, the offset after the last committed record.
+    pub positions: BTreeMap<String, u64>,
+    /// Per source name, its committed checkpoint (sources whose position is not a number).
+    pub checkpoints: BTreeMap<String, String>,
 }
 
 const BATCH: usize = 1024;
@@ -81,31 +128,34 @@ enum Unit {
     Stdin,
     Gen(gen::GenOptions),
     Channel(channel::Feeder),
+    Kinesis(Box<kinesis::Reader>),
 }
 
 impl Sources {
-    /// Expands inputs and starts one reader thread per input.
+    /// Expands inputs and starts one reader thread per input. A Kinesis stream is
+    /// checked here (it exists, it can be read), so a bad one fails the start.
     pub fn start(
         inputs: &[Input],
-        resume: &BTreeMap<String, u64>,
+        resume: &Resume,
         follow: bool,
         stop: Arc<AtomicBool>,
     ) -> Result<Sources, SourceError> {
-        let mut names = Vec::new();
+        let registry = Names::default();
         let mut plans: Vec<Vec<(u32, Unit, u64)>> = Vec::new();
         for input in inputs {
             let mut units = Vec::new();
-            let mut add = |name: String, unit: Unit, names: &mut Vec<String>| {
-                let offset = resume.get(&name).copied().unwrap_or(0);
-                names.push(name);
-                units.push(((names.len() - 1) as u32, unit, offset));
+            let mut add = |name: String, unit: Unit| {
+                let offset = resume.positions.get(&name).copied().unwrap_or(0);
+                units.push((registry.index(&name), unit, offset));
             };
             match input {
-                Input::Stdin => add("-".into(), Unit::Stdin, &mut names),
-                Input::Generated(g) => {
-                    add(format!("gen:{}", g.seed), Unit::Gen(g.clone()), &mut names)
+                Input::Kinesis(spec) => {
+                    let reader = kinesis::Reader::open(spec, resume, registry.clone())?;
+                    add(spec.source_name(), Unit::Kinesis(Box::new(reader)))
                 }
-                Input::Channel(f) => add(f.name().to_owned(), Unit::Channel(f.clone()), &mut names),
+                Input::Stdin => add("-".into(), Unit::Stdin),
+                Input::Generated(g) => add(format!("gen:{}", g.seed), Unit::Gen(g.clone())),
+                Input::Channel(f) => add(f.name().to_owned(), Unit::Channel(f.clone())),
                 Input::Path(p) => {
                     let err = |source| SourceError::Io {
                         path: p.display().to_string(),
@@ -124,11 +174,11 @@ impl Sources {
                             .collect();
                         files.sort();
                         for f in files {
-                            add(f.display().to_string(), Unit::File(f), &mut names);
+                            add(f.display().to_string(), Unit::File(f));
                         }
                     } else {
                         std::fs::metadata(p).map_err(err)?;
-                        add(p.display().to_string(), Unit::File(p.clone()), &mut names);
+                        add(p.display().to_string(), Unit::File(p.clone()));
                     }
                 }
             }
@@ -139,7 +189,7 @@ impl Sources {
         for units in plans {
             let tx = tx.clone();
             let stop = Arc::clone(&stop);
-            let names = names.clone();
+            let names = registry.snapshot();
             std::thread::Builder::new()
                 .name("tally-source".into())
                 .spawn(move || {
@@ -172,6 +222,11 @@ impl Sources {
                                 f.read(idx, offset, &tx, &stop);
                                 return;
                             }
+                            Unit::Kinesis(r) => {
+                                // Sends its end of input (caught up) or failure itself.
+                                r.read(idx, &tx, &stop);
+                                return;
+                            }
                         };
                         if let Err(e) = res {
                             let _ = tx.send(SourceMsg::Failed(e));
@@ -183,7 +238,7 @@ impl Sources {
                 .expect("spawn reader");
         }
         Ok(Sources {
-            names,
+            names: registry,
             rx,
             inputs: n,
         })
@@ -247,6 +302,7 @@ pub(crate) fn read_lines(
                 let _ = tx.send(SourceMsg::Lines {
                     source: idx,
                     lines: std::mem::take(&mut batch),
+                    checkpoint: None,
                 });
             }
             if !tail {
@@ -273,6 +329,7 @@ pub(crate) fn read_lines(
                 .send(SourceMsg::Lines {
                     source: idx,
                     lines: std::mem::take(&mut batch),
+                    checkpoint: None,
                 })
                 .is_err()
         {

@@ -193,6 +193,7 @@ mod tests {
             epoch,
             clock: 1_000 * epoch as i64,
             positions: [("in.jsonl".to_owned(), 10 * epoch)].into(),
+            checkpoints: Default::default(),
             staging_len: 7 * epoch,
             dead_letters_len: 3 * epoch,
             counters: crate::store::Counters {

@@ -3,7 +3,9 @@
 //!
 //! A [`Commit`] carries absolute row values (never increments), deletions of rows whose
 //! counted events were all voided, the epoch, the source positions, the lengths of the
-//! staging log and the dead-letter file at that point, and counter increments. Applying
+//! staging log and the dead-letter file at that point, and counter increments. A
+//! source whose position is not a number (a Kinesis sequence number) also commits a
+//! checkpoint string. Applying
 //! a commit whose epoch is not newer than the stored one is refused, so a replayed or
 //! stale commit can never double count.
 //!
@@ -67,8 +69,13 @@ pub struct Meta {
     pub epoch: Epoch,
     /// The largest event time read up to that epoch (the watermark is this minus lateness).
     pub clock: Millis,
-    /// Per source name, the byte offset just after the last record committed.
+    /// Per source name, the byte offset just after the last record committed (for a
+    /// record-numbered source, the count of records committed).
     pub positions: BTreeMap<String, u64>,
+    /// Per source name, where to resume a source whose position does not fit a number
+    /// (a Kinesis shard: its sequence number; see `source::kinesis`).
+    #[serde(default)]
+    pub checkpoints: BTreeMap<String, String>,
     /// Length of the staging log that holds exactly the committed epochs.
     pub staging_len: u64,
     /// Length of the dead-letter file that holds exactly the committed dead letters.
@@ -84,6 +91,9 @@ pub struct Commit {
     pub epoch: Epoch,
     pub clock: Millis,
     pub positions: BTreeMap<String, u64>,
+    /// Resume tokens that changed in this epoch (see [`Meta::checkpoints`]).
+    #[serde(default)]
+    pub checkpoints: BTreeMap<String, String>,
     pub staging_len: u64,
     pub dead_letters_len: u64,
     pub counters: Counters,
@@ -226,6 +236,8 @@ pub(crate) fn advance(meta: &mut Meta, c: &Commit) -> Result<(), StoreError> {
     meta.clock = c.clock;
     meta.positions
         .extend(c.positions.iter().map(|(k, v)| (k.clone(), *v)));
+    meta.checkpoints
+        .extend(c.checkpoints.iter().map(|(k, v)| (k.clone(), v.clone())));
     meta.staging_len = c.staging_len;
     meta.dead_letters_len = c.dead_letters_len;
     meta.counters.add(&c.counters);

@@ -17,10 +17,17 @@ pub const ENV: [(&str, &str); 3] = [
 pub struct Kinesalite {
     child: Child,
     pub port: u16,
+    /// Its standard output (`throttled K` lines).
+    out: tempfile::NamedTempFile,
 }
 
 impl Kinesalite {
     pub fn start() -> Kinesalite {
+        Kinesalite::start_with(&[])
+    }
+
+    /// With scripts/kinesalite.js's options, e.g. `--throttle-get-records 3`.
+    pub fn start_with(options: &[&str]) -> Kinesalite {
         let node_dir = std::env::var("TALLY_NODE")
             .map(PathBuf::from)
             .unwrap_or_else(|_| {
@@ -34,11 +41,13 @@ impl Kinesalite {
         );
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/kinesalite.js");
         let port = free_port();
+        let out = tempfile::NamedTempFile::new().unwrap();
         let child = Command::new("node")
             .arg(&script)
             .arg(port.to_string())
+            .args(options)
             .env("NODE_PATH", &modules)
-            .stdout(Stdio::null())
+            .stdout(Stdio::from(out.reopen().unwrap()))
             .spawn()
             .expect("node (scripts/deps.sh installs it)");
         let start = Instant::now();
@@ -49,7 +58,16 @@ impl Kinesalite {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Kinesalite { child, port }
+        Kinesalite { child, port, out }
+    }
+
+    /// GetRecords calls answered as throttled so far (`--throttle-get-records`).
+    pub fn throttled(&self) -> usize {
+        std::fs::read_to_string(self.out.path())
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("throttled "))
+            .count()
     }
 
     pub fn endpoint(&self) -> String {
@@ -78,6 +96,12 @@ impl Kinesalite {
             .send()
             .await
             .expect("CreateStream");
+        self.wait_active(name).await;
+    }
+
+    /// Waits until `name` is ACTIVE (after a create or a reshard).
+    pub async fn wait_active(&self, name: &str) {
+        let c = self.client();
         let start = Instant::now();
         loop {
             let d = c
@@ -98,6 +122,66 @@ impl Kinesalite {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The shards: (id, open), in id order.
+    pub async fn shards(&self, name: &str) -> Vec<(String, bool)> {
+        let out = self
+            .client()
+            .list_shards()
+            .stream_name(name)
+            .send()
+            .await
+            .expect("ListShards");
+        out.shards()
+            .iter()
+            .map(|s| {
+                let open = s
+                    .sequence_number_range()
+                    .is_none_or(|r| r.ending_sequence_number().is_none());
+                (s.shard_id().to_owned(), open)
+            })
+            .collect()
+    }
+
+    /// Splits `shard` in the middle of its hash-key range; waits until ACTIVE.
+    pub async fn split(&self, name: &str, shard: &str) {
+        let c = self.client();
+        let shards = c
+            .list_shards()
+            .stream_name(name)
+            .send()
+            .await
+            .expect("ListShards");
+        let s = shards
+            .shards()
+            .iter()
+            .find(|s| s.shard_id() == shard)
+            .expect("the shard is listed");
+        let range = s.hash_key_range().expect("a hash-key range");
+        let lo: u128 = range.starting_hash_key().parse().unwrap();
+        let hi: u128 = range.ending_hash_key().parse().unwrap();
+        c.split_shard()
+            .stream_name(name)
+            .shard_to_split(shard)
+            .new_starting_hash_key((lo + (hi - lo) / 2).to_string())
+            .send()
+            .await
+            .expect("SplitShard");
+        self.wait_active(name).await;
+    }
+
+    /// Merges two adjacent shards; waits until ACTIVE.
+    pub async fn merge(&self, name: &str, a: &str, b: &str) {
+        self.client()
+            .merge_shards()
+            .stream_name(name)
+            .shard_to_merge(a)
+            .adjacent_shard_to_merge(b)
+            .send()
+            .await
+            .expect("MergeShards");
+        self.wait_active(name).await;
     }
 
     /// Every record of every shard, from the start: (shard id, partition key, data).
