@@ -95,12 +95,7 @@ fn publish_names_a_missing_stream() {
         .envs(ENV)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(3));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("Kinesis stream 'nope': it does not exist"),
-        "{err}"
-    );
+    assert_names_nope(&out);
 }
 
 /// A kinesalite (with `options`) holding the 2-shard stream `sales`, a scratch
@@ -154,6 +149,28 @@ fn run_stream(k: &Kinesalite, stream: &str, data: &Path, extra: &[&str]) -> Comm
     .args(extra)
     .envs(ENV);
     c
+}
+
+/// `tally run --kinesis STREAM --until-eof` with `extra`; panics if it fails.
+fn run_to_end(k: &Kinesalite, stream: &str, data: &Path, extra: &[&str]) {
+    let out = run_stream(k, stream, data, &[&["--until-eof"], extra].concat())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Asserts that a command failed (exit code 3) naming the missing stream `nope`.
+fn assert_names_nope(out: &std::process::Output) {
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Kinesis stream 'nope': it does not exist"),
+        "{err}"
+    );
 }
 
 /// What a store holds, to compare runs: the export, and the dead letters as sorted
@@ -294,14 +311,7 @@ fn a_stream_gives_the_files_export_across_a_kill_resuming_at_sequence_numbers() 
         before.counters.records
     );
 
-    let out = run_stream(&k, "sales", &data, &["--until-eof", "--workers", "1"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_to_end(&k, "sales", &data, &["--workers", "1"]);
     assert_same(&outcome(&data), &want);
     let m = meta(&data);
     assert_eq!(m.counters.records, lines, "every record committed once");
@@ -320,14 +330,7 @@ fn a_stream_gives_the_files_export_across_a_kill_resuming_at_sequence_numbers() 
     assert_eq!(counted, lines, "the shards' record counts add up");
 
     // Nothing new: a third run commits nothing and changes nothing.
-    let out = run_stream(&k, "sales", &data, &["--until-eof"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_to_end(&k, "sales", &data, &[]);
     assert_eq!(meta(&data).counters.records, lines);
     assert_same(&outcome(&data), &want);
 }
@@ -539,19 +542,7 @@ fn latest_starts_at_the_first_run_and_restarts_resume() {
     wait_committed(&addr, 1000);
     stop(child);
     publish(&k, "sales", &later);
-    let out = run_stream(
-        &k,
-        "sales",
-        &data,
-        &["--until-eof", "--kinesis-start", "latest"],
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_to_end(&k, "sales", &data, &["--kinesis-start", "latest"]);
     assert_same(&outcome(&data), &file_outcome(&read, tmp.path(), None));
     let m = meta(&data);
     assert_eq!(m.counters.records, 2000);
@@ -566,10 +557,5 @@ fn run_names_a_missing_stream() {
     let out = run_stream(&k, "nope", &tmp.path().join("d"), &["--until-eof"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(3));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("Kinesis stream 'nope': it does not exist"),
-        "{err}"
-    );
+    assert_names_nope(&out);
 }

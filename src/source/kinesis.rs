@@ -206,27 +206,36 @@ where
     }
 }
 
-/// Where a shard starts.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum From {
+/// Where a deployment starts reading (`latest` is fixed as an instant), committed as
+/// the stream's own checkpoint: also where a shard without a checkpoint starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
     TrimHorizon,
     At(Millis),
+}
+
+impl Origin {
+    /// As a checkpoint: `trim_horizon` or `at:<ms>`.
+    fn checkpoint(self) -> String {
+        match self {
+            Origin::TrimHorizon => "trim_horizon".into(),
+            Origin::At(ms) => format!("at:{ms}"),
+        }
+    }
+
+    fn parse(s: &str) -> Option<Origin> {
+        match s {
+            "trim_horizon" => Some(Origin::TrimHorizon),
+            _ => s.strip_prefix("at:")?.parse().ok().map(Origin::At),
+        }
+    }
+}
+
+/// Where a shard's reading starts: the deployment's origin, or after a record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum From {
+    Origin(Origin),
     After(String),
-}
-
-/// A stream's start as its checkpoint: `trim_horizon` or `at:<ms>`.
-fn start_checkpoint(from: &From) -> String {
-    match from {
-        From::At(ms) => format!("at:{ms}"),
-        _ => "trim_horizon".into(),
-    }
-}
-
-fn parse_start(s: &str) -> Option<From> {
-    match s {
-        "trim_horizon" => Some(From::TrimHorizon),
-        _ => s.strip_prefix("at:")?.parse().ok().map(From::At),
-    }
 }
 
 /// A stream opened for reading, ready to start.
@@ -236,7 +245,7 @@ pub struct Reader {
     client: aws_sdk_kinesis::Client,
     names: Names,
     /// Where this deployment started (fixed at its first start).
-    start: From,
+    start: Origin,
     /// Committed shard checkpoints and record counts, by shard id.
     resume: BTreeMap<String, (String, u64)>,
 }
@@ -270,29 +279,29 @@ impl Reader {
         let stream_name = spec.source_name();
         let start = match resume.checkpoints.get(&stream_name) {
             Some(c) => {
-                let from = parse_start(c).ok_or_else(|| {
+                let origin = Origin::parse(c).ok_or_else(|| {
                     fail(format!(
                         "the committed start '{c}' is not one this version writes"
                     ))
                 })?;
                 let asked = match spec.start {
-                    StartAt::TrimHorizon => Some(From::TrimHorizon),
-                    StartAt::At(ms) => Some(From::At(ms)),
+                    StartAt::TrimHorizon => Some(Origin::TrimHorizon),
+                    StartAt::At(ms) => Some(Origin::At(ms)),
                     StartAt::Latest => None,
                 };
-                if asked.is_some_and(|a| a != from) {
+                if asked.is_some_and(|a| a != origin) {
                     tracing::warn!(
                         stream = %spec.stream,
                         committed = %c,
                         "the stream's start was fixed at its first run; the configured start applies to new deployments only"
                     );
                 }
-                from
+                origin
             }
             None => match spec.start {
-                StartAt::TrimHorizon => From::TrimHorizon,
-                StartAt::At(ms) => From::At(ms),
-                StartAt::Latest => From::At(chrono::Utc::now().timestamp_millis()),
+                StartAt::TrimHorizon => Origin::TrimHorizon,
+                StartAt::At(ms) => Origin::At(ms),
+                StartAt::Latest => Origin::At(chrono::Utc::now().timestamp_millis()),
             },
         };
         let prefix = format!("{stream_name}/");
@@ -323,7 +332,7 @@ impl Reader {
         let start = SourceMsg::Lines {
             source: idx,
             lines: Vec::new(),
-            checkpoint: Some(start_checkpoint(&self.start)),
+            checkpoint: Some(self.start.checkpoint()),
         };
         if tx.send(start).is_err() {
             return;
@@ -361,7 +370,7 @@ struct Ctx {
     spec: KinesisSpec,
     client: aws_sdk_kinesis::Client,
     names: Names,
-    start: From,
+    start: Origin,
     stop: Arc<AtomicBool>,
     tx: tokio::sync::mpsc::Sender<SourceMsg>,
 }
@@ -523,7 +532,7 @@ async fn coordinate(ctx: Arc<Ctx>, mut resume: BTreeMap<String, (String, u64)>) 
                             .await
                     }
                 },
-                None => (ctx.start.clone(), 0),
+                None => (From::Origin(ctx.start), 0),
             };
             let k = known.get_mut(&id).expect("known");
             k.state = State::Reading;
@@ -591,10 +600,10 @@ async fn merge(ctx: &Ctx, known: &mut BTreeMap<String, Known>) -> Result<bool, (
             checkpoint: Some(format!("after:{seq}")),
         })
     };
-    loop {
-        if known.values().any(Known::blocks) {
-            break;
-        }
+    // A shard starts to block only when its queue runs empty: checked once here,
+    // then where that happens.
+    let mut blocked = known.values().any(Known::blocks);
+    while !blocked {
         let mut next: Option<(&String, Millis)> = None;
         for (id, k) in known.iter() {
             if let Some(t) = k.head() {
@@ -615,6 +624,7 @@ async fn merge(ctx: &Ctx, known: &mut BTreeMap<String, Known>) -> Result<bool, (
         if batch.is_empty() {
             k.queue.pop_front();
             k.permits.add_permits(1);
+            blocked = k.blocks();
         }
         match &mut out {
             Some((_, lines, last)) => {
@@ -675,8 +685,10 @@ async fn iterator(ctx: &Ctx, shard: &str, from: &From) -> Result<String, (Failur
         .stream_name(&ctx.spec.stream)
         .shard_id(shard);
     let req = match from {
-        From::TrimHorizon => req.shard_iterator_type(ShardIteratorType::TrimHorizon),
-        From::At(ms) => req
+        From::Origin(Origin::TrimHorizon) => {
+            req.shard_iterator_type(ShardIteratorType::TrimHorizon)
+        }
+        From::Origin(Origin::At(ms)) => req
             .shard_iterator_type(ShardIteratorType::AtTimestamp)
             .timestamp(aws_sdk_kinesis::primitives::DateTime::from_millis(*ms)),
         From::After(seq) => req
@@ -844,11 +856,11 @@ mod tests {
         );
         let err = "yesterday".parse::<StartAt>().unwrap_err();
         assert!(err.contains("'yesterday'"), "{err}");
-        for from in [From::TrimHorizon, From::At(1_795_323_600_000)] {
-            assert_eq!(parse_start(&start_checkpoint(&from)), Some(from));
+        for origin in [Origin::TrimHorizon, Origin::At(1_795_323_600_000)] {
+            assert_eq!(Origin::parse(&origin.checkpoint()), Some(origin));
         }
-        assert_eq!(parse_start("after:1"), None);
-        assert_eq!(parse_start("at:soon"), None);
+        assert_eq!(Origin::parse("after:1"), None);
+        assert_eq!(Origin::parse("at:soon"), None);
     }
 
     #[test]

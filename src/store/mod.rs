@@ -91,7 +91,7 @@ pub struct Commit {
     pub epoch: Epoch,
     pub clock: Millis,
     pub positions: BTreeMap<String, u64>,
-    /// Resume tokens that changed in this epoch (see [`Meta::checkpoints`]).
+    /// Per source name, its checkpoint after this epoch (see [`Meta::checkpoints`]).
     #[serde(default)]
     pub checkpoints: BTreeMap<String, String>,
     pub staging_len: u64,

@@ -126,14 +126,8 @@ impl Kinesalite {
 
     /// The shards: (id, open), in id order.
     pub async fn shards(&self, name: &str) -> Vec<(String, bool)> {
-        let out = self
-            .client()
-            .list_shards()
-            .stream_name(name)
-            .send()
+        self.list(name)
             .await
-            .expect("ListShards");
-        out.shards()
             .iter()
             .map(|s| {
                 let open = s
@@ -144,24 +138,30 @@ impl Kinesalite {
             .collect()
     }
 
-    /// Splits `shard` in the middle of its hash-key range; waits until ACTIVE.
-    pub async fn split(&self, name: &str, shard: &str) {
-        let c = self.client();
-        let shards = c
+    /// ListShards of `name` (one page: the tests' streams are small).
+    async fn list(&self, name: &str) -> Vec<aws_sdk_kinesis::types::Shard> {
+        let out = self
+            .client()
             .list_shards()
             .stream_name(name)
             .send()
             .await
             .expect("ListShards");
+        out.shards.unwrap_or_default()
+    }
+
+    /// Splits `shard` in the middle of its hash-key range; waits until ACTIVE.
+    pub async fn split(&self, name: &str, shard: &str) {
+        let shards = self.list(name).await;
         let s = shards
-            .shards()
             .iter()
             .find(|s| s.shard_id() == shard)
             .expect("the shard is listed");
         let range = s.hash_key_range().expect("a hash-key range");
         let lo: u128 = range.starting_hash_key().parse().unwrap();
         let hi: u128 = range.ending_hash_key().parse().unwrap();
-        c.split_shard()
+        self.client()
+            .split_shard()
             .stream_name(name)
             .shard_to_split(shard)
             .new_starting_hash_key((lo + (hi - lo) / 2).to_string())
@@ -187,14 +187,8 @@ impl Kinesalite {
     /// Every record of every shard, from the start: (shard id, partition key, data).
     pub async fn read_all(&self, name: &str) -> Vec<(String, String, Vec<u8>)> {
         let c = self.client();
-        let shards = c
-            .list_shards()
-            .stream_name(name)
-            .send()
-            .await
-            .expect("ListShards");
         let mut out = Vec::new();
-        for s in shards.shards() {
+        for s in self.list(name).await {
             let mut it = c
                 .get_shard_iterator()
                 .stream_name(name)
