@@ -2,7 +2,9 @@
 # Installs what the test suite starts for real: redis-server and redis-cli (Debian's
 # redis-server and redis-tools), openssl (the TLS test makes its own CA and
 # certificate), promtool (Debian's prometheus: it checks deploy/'s alert rules), and
-# a Python venv with grpcio-tools (PyPI) for the third-party gRPC client test, in
+# a Python venv with grpcio-tools (PyPI) for the third-party gRPC client test, duckdb
+# (PyPI: reads the compacted Parquet in the archive tests) and moto[server] (PyPI: a
+# local S3-compatible server for the lake on S3), in
 # ${TALLY_VENV:-$HOME/.cache/tally-venv}, and kinesalite (npm: the Kinesis API in
 # memory, started by scripts/kinesalite.js) in ${TALLY_NODE:-$HOME/.cache/tally-node},
 # both outside the clone.
@@ -25,15 +27,16 @@ if [ "${#need_apt[@]}" -gt 0 ]; then
 fi
 
 VENV="${TALLY_VENV:-$HOME/.cache/tally-venv}"
-if ! "$VENV/bin/python" -c 'import grpc_tools, grpc_health, grpc_reflection' >/dev/null 2>&1; then
-  echo "installing grpcio-tools into $VENV (pip)" >&2
+if ! "$VENV/bin/python" -c 'import grpc_tools, grpc_health, grpc_reflection, duckdb, moto.server' >/dev/null 2>&1; then
+  echo "installing grpcio-tools, duckdb and moto into $VENV (pip)" >&2
   if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
     python3 -m venv "$VENV"
   fi
   "$VENV/bin/pip" install -q --disable-pip-version-check \
-    grpcio==1.85.1 grpcio-tools==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1
+    grpcio==1.85.1 grpcio-tools==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 \
+    duckdb==2.0.0 'moto[server]==5.2.5'
 fi
 
 NODE_DIR="${TALLY_NODE:-$HOME/.cache/tally-node}"

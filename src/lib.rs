@@ -23,7 +23,8 @@
 //! - [`store`]: the store interface, the embedded and Redis stores, the export format.
 //! - [`query`]: the gRPC API (Query, Ingest, Admin, health, reflection), API keys.
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
-//! - [`archive`]: the staging log of dataflow input, replayed after a restart.
+//! - [`archive`]: the staging log of dataflow input, replayed after a restart; the
+//!   Parquet lake (staged facts, compaction of closed days, verified against the store).
 //! - [`telemetry`]: logging set-up.
 //! - [`cli`]: the `tally` commands.
 

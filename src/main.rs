@@ -1,5 +1,5 @@
 //! `tally`: parse arguments, start logging, dispatch, map errors to exit codes
-//! (0 ok, 1 bad records found by `validate`, 2 bad usage or configuration, 3 failure).
+//! (0 ok, 1 bad records found by `validate` or a failed verification of `compact`, 2 bad usage or configuration, 3 failure).
 
 use clap::Parser;
 
@@ -11,7 +11,7 @@ fn main() {
     tally::telemetry::init();
     match dispatch(cli) {
         Ok(Exit::Ok) => {}
-        Ok(Exit::BadRecords) => std::process::exit(1),
+        Ok(Exit::BadRecords | Exit::Mismatch) => std::process::exit(1),
         Err(e)
             if e.chain().any(|c| {
                 c.downcast_ref::<std::io::Error>()

@@ -66,6 +66,23 @@ pub const STORE_ERRORS: &str = "tally_store_errors_total";
 /// status code name), seconds until the response starts (histogram).
 pub const QUERY_SECONDS: &str = "tally_query_seconds";
 
+/// Counted events and voids staged to the lake for compaction (counter).
+pub const ARCHIVE_STAGED: &str = "tally_archive_staged_facts_total";
+/// Failed writes of staged facts to the lake; they are kept and tried again (counter).
+pub const ARCHIVE_STAGE_ERRORS: &str = "tally_archive_stage_errors_total";
+/// The last epoch whose facts are in the lake (gauge).
+pub const ARCHIVE_STAGED_EPOCH: &str = "tally_archive_staged_epoch";
+/// Provider-days compacted, label `outcome`: `published`, `unchanged`, `mismatch`
+/// (verification failed, the previous version kept) or `failed` (counter).
+pub const COMPACTIONS: &str = "tally_compactions_total";
+/// Rows written to compacted Parquet event files (counter).
+pub const COMPACTED_ROWS: &str = "tally_compacted_rows_total";
+/// One provider-day's compaction, seconds (histogram).
+pub const COMPACTION_SECONDS: &str = "tally_compaction_seconds";
+/// The last provider-local date published for any provider, as the Unix time of its
+/// midnight UTC (gauge).
+pub const COMPACTED_DATE: &str = "tally_compacted_date_seconds";
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Installs the process's recorder (once; later calls return the same handle).
@@ -165,6 +182,35 @@ fn describe() {
     describe_counter!(
         SOURCE_THROTTLED,
         "Broker calls refused for throughput, backed off and retried, by source"
+    );
+    describe_counter!(
+        ARCHIVE_STAGED,
+        "Counted events and voids staged to the lake for compaction"
+    );
+    describe_counter!(
+        ARCHIVE_STAGE_ERRORS,
+        "Failed writes of staged facts to the lake (kept, tried again)"
+    );
+    describe_gauge!(
+        ARCHIVE_STAGED_EPOCH,
+        "The last epoch whose facts are in the lake"
+    );
+    describe_counter!(
+        COMPACTIONS,
+        "Provider-days compacted, by outcome: published, unchanged, mismatch, failed"
+    );
+    describe_counter!(
+        COMPACTED_ROWS,
+        "Rows written to compacted Parquet event files"
+    );
+    describe_histogram!(
+        COMPACTION_SECONDS,
+        Unit::Seconds,
+        "One provider-day's compaction"
+    );
+    describe_gauge!(
+        COMPACTED_DATE,
+        "The last provider-local date published, Unix time of its midnight UTC"
     );
     describe_gauge!(
         STATE_ENTRIES,

@@ -172,6 +172,58 @@ pub struct Pipeline {
     pub retention: Vec<(WindowSize, Duration)>,
     /// Large-transaction alert thresholds (`[alerts]`).
     pub alerts: Alerts,
+    /// The Parquet lake: staging of counted events and nightly compaction (`[archive]`).
+    pub archive: Archive,
+}
+
+/// Where and how the archive keeps counted events (see `archive`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Archive {
+    /// Whether `tally run` stages counted events for compaction at all.
+    pub enabled: bool,
+    /// The lake: a path (relative to the data directory) or an `s3://bucket/prefix` URL.
+    pub lake: String,
+    /// How often staged facts are written to the lake (and at every shutdown).
+    pub flush_interval: Duration,
+    /// Target size of a compacted Parquet file, in bytes.
+    pub target_file_size: u64,
+    /// Whether `tally run` compacts each closed day by itself.
+    pub schedule: bool,
+}
+
+impl Default for Archive {
+    fn default() -> Self {
+        Archive {
+            enabled: true,
+            lake: "lake".into(),
+            flush_interval: Duration::from_secs(30),
+            target_file_size: 128 << 20,
+            schedule: true,
+        }
+    }
+}
+
+/// `128MiB`, `64MB`, `512KiB`, `1048576`: a size in bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || {
+        format!(
+            "invalid size '{s}': expected a whole number and a unit, as in 512KiB, 128MiB or 1GiB"
+        )
+    };
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let mult: u64 = match unit {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult).filter(|&b| b > 0).ok_or_else(bad)
 }
 
 /// Large-transaction thresholds, in hundredths, per currency: a provider's own,
@@ -320,6 +372,18 @@ struct RawPipeline {
     retention: BTreeMap<Spanned<String>, Spanned<Dur>>,
     #[serde(default)]
     alerts: RawAlerts,
+    #[serde(default)]
+    archive: RawArchive,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawArchive {
+    enabled: Option<bool>,
+    lake: Option<String>,
+    flush_interval: Option<Spanned<Dur>>,
+    target_file_size: Option<Spanned<String>>,
+    schedule: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -620,6 +684,29 @@ impl RawPipeline {
             }
             alerts.providers.insert(p.into_inner(), thresholds(m, at)?);
         }
+        let mut archive = Archive::default();
+        if let Some(e) = self.archive.enabled {
+            archive.enabled = e;
+        }
+        if let Some(s) = self.archive.schedule {
+            archive.schedule = s;
+        }
+        if let Some(l) = self.archive.lake {
+            archive.lake = l;
+        }
+        if let Some(f) = self.archive.flush_interval {
+            if f.get_ref().0.is_zero() {
+                return Err(at(
+                    f.span().start,
+                    "archive.flush_interval must be more than zero".into(),
+                ));
+            }
+            archive.flush_interval = f.into_inner().0;
+        }
+        if let Some(t) = self.archive.target_file_size {
+            archive.target_file_size = parse_size(t.get_ref())
+                .map_err(|e| at(t.span().start, format!("archive.target_file_size: {e}")))?;
+        }
         let sources = self
             .sources
             .into_iter()
@@ -666,6 +753,7 @@ impl RawPipeline {
             views,
             retention,
             alerts,
+            archive,
         })
     }
 }

@@ -7,9 +7,9 @@ mod common;
 
 use common::reference::{reference, Outcome};
 use proptest::prelude::*;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use tally::dataflow::{run_epochs, Out, Record};
+use tally::dataflow::{run_epochs, Fact, Out, Record};
 use tally::decode::decode;
 use tally::model::{Event, Millis, Position};
 use tally::pipeline::Pipeline;
@@ -177,6 +177,7 @@ fn dataflow(p: &Arc<Pipeline>, workers: usize, epochs: Vec<(Vec<Record>, Millis)
     let mut outputs = run_epochs(Arc::clone(p), workers, epochs);
     outputs.sort_by_key(|o| (o.epoch, o.worker));
     let mut got = Outcome::default();
+    let mut voided = BTreeSet::new();
     for o in outputs {
         for item in o.out {
             match item {
@@ -199,8 +200,32 @@ fn dataflow(p: &Arc<Pipeline>, workers: usize, epochs: Vec<(Vec<Record>, Millis)
                 }
                 Out::Orphan { provider } => *got.orphans.entry(provider).or_default() += 1,
                 Out::Duplicate => got.duplicates += 1,
+                Out::Fact(f) => match *f {
+                    Fact::Counted { event, .. } => {
+                        assert!(
+                            got.counted.insert((event.event_id.to_string(), event.ts)),
+                            "an event counted twice"
+                        );
+                    }
+                    Fact::Voided {
+                        void, target_ts, ..
+                    } => {
+                        let target = void.ref_event_id.expect("a void has a target");
+                        assert!(
+                            voided.insert((target.to_string(), target_ts)),
+                            "an event voided twice"
+                        );
+                    }
+                },
             }
         }
+    }
+    // Applied as sets, as compaction does.
+    for v in &voided {
+        assert!(
+            got.counted.remove(v),
+            "a void of an event never counted: {v:?}"
+        );
     }
     got
 }
@@ -220,6 +245,12 @@ fn check(ops: Vec<Op>, cuts: Vec<bool>) -> Result<(), TestCaseError> {
         );
         prop_assert_eq!(&got.duplicates, &want.duplicates);
         prop_assert_eq!(&got.orphans, &want.orphans);
+        prop_assert_eq!(
+            &got.counted,
+            &want.counted,
+            "the archive's facts differ from the counted events at {} workers",
+            workers
+        );
         let diff: BTreeMap<_, _> = want
             .rows
             .iter()

@@ -756,22 +756,6 @@ fn publish_and_watch_redis() {
     publish_and_watch(StoreConfig::Redis(Box::new(RedisConfig::new(redis.url()))));
 }
 
-/// The venv's Python, with grpcio-tools (installed by scripts/deps.sh).
-fn python() -> std::path::PathBuf {
-    let venv = std::env::var("TALLY_VENV")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| {
-            std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/tally-venv")
-        });
-    let py = venv.join("bin/python");
-    assert!(
-        py.exists(),
-        "no Python venv with grpcio-tools at {}: run `bash scripts/deps.sh` (scripts/test.sh does)",
-        venv.display()
-    );
-    py
-}
-
 /// A Python grpcio client generated from proto/ runs a scripted session (health,
 /// reflection, publish, list, summarize, watch); what it saw equals the export.
 #[test]
@@ -822,7 +806,7 @@ fn python_client_session() {
         Limits::default(),
     );
     let (from, to) = (START - DAY, START + 3 * DAY);
-    let out = std::process::Command::new(python())
+    let out = std::process::Command::new(common::python())
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/session.py"))
         .arg(t.addr.trim_start_matches("http://"))
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("proto"))

@@ -197,7 +197,7 @@ impl Plan {
 }
 
 /// An event's value for a group-by field ("" for an absent attribute).
-fn value<'a>(e: &'a Event, f: &GroupField) -> &'a str {
+pub fn value<'a>(e: &'a Event, f: &GroupField) -> &'a str {
     match f {
         GroupField::ProviderId => &e.provider_id,
         GroupField::ProductId => &e.product_id,

@@ -81,6 +81,26 @@ pub enum Out {
     },
     /// A redelivery dropped silently.
     Duplicate,
+    /// A change to the set of counted events, for the archive (`archive::facts`).
+    Fact(Box<Fact>),
+}
+
+/// A change to the set of counted events, as the archive keeps it: a sale or refund
+/// counted, or a void that cancels one (whether it came after its target or before).
+/// Applying a day's facts as sets (an event by id, a void by its target's id) gives
+/// the day's counted events; applying them twice changes nothing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Fact {
+    Counted {
+        event: Event,
+        pos: Position,
+    },
+    /// `void` cancels `void.ref_event_id`, whose event time is `target_ts`.
+    Voided {
+        void: Event,
+        pos: Position,
+        target_ts: Millis,
+    },
 }
 
 /// Everything one worker produced for one epoch (possibly nothing).
@@ -104,6 +124,9 @@ pub enum ToWorker {
 pub struct Rules {
     pub lateness: Millis,
     pub horizon: Millis,
+    /// Whether the voids stage tells each change to the counted set as an [`Out::Fact`]
+    /// (for the archive's staging; see `archive::facts`).
+    pub archive: bool,
 }
 
 impl Rules {
@@ -111,6 +134,7 @@ impl Rules {
         Rules {
             lateness: p.allowed_lateness.as_millis() as Millis,
             horizon: p.dedup_horizon.as_millis() as Millis,
+            archive: p.archive.enabled,
         }
     }
 }

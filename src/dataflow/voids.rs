@@ -14,7 +14,7 @@
 //! Targets and waiting voids leave state once their event time is more than the dedup
 //! horizon behind the clock. Leaving emits nothing: committed windows never change.
 
-use super::{epochs, id_digest, keyed, route, DeadLetter, Epoch, Expiry, Out, Record, Rules};
+use super::{epochs, id_digest, keyed, route, DeadLetter, Epoch, Expiry, Fact, Out, Record, Rules};
 use crate::decode::Reason;
 use crate::model::{Event, Kind, Millis, Position};
 use compact_str::CompactString;
@@ -133,6 +133,17 @@ struct Waiting {
     raw: std::sync::Arc<str>,
 }
 
+/// A void that cancelled its target on the target's arrival, as an archive fact: its
+/// event is decoded again from the record (it waited as its raw bytes only).
+fn voided_on_arrival(w: &Waiting, target_ts: Millis) -> Option<Out> {
+    let void = crate::decode::decode(w.raw.as_bytes()).ok()?;
+    Some(Out::Fact(Box::new(Fact::Voided {
+        void,
+        pos: w.pos,
+        target_ts,
+    })))
+}
+
 /// A change to the set of counted events.
 pub type Counted = (Box<Event>, i64);
 
@@ -165,13 +176,13 @@ pub(super) fn voids<'s>(
                 match v {
                     Visit::Register(r) => {
                         expiry.at(r.event.ts.saturating_add(rules.horizon), key);
-                        *slot = register(slot, r.event, out);
+                        *slot = register(slot, r.event, r.pos, rules.archive, out);
                     }
                     Visit::Cancel(r) => {
                         if matches!(slot, Slot::Waiting(_)) {
                             expiry.at(r.event.ts.saturating_add(rules.horizon), key);
                         }
-                        cancel(slot, r, out);
+                        cancel(slot, r, rules.archive, out);
                     }
                 }
             }
@@ -202,8 +213,15 @@ pub(super) fn voids<'s>(
     resolved.ok_err(|x| x)
 }
 
-/// A record arrives as a possible target: settle the voids waiting for it.
-fn register(slot: &mut Slot, event: Box<Event>, out: &mut Vec<Result<Counted, Out>>) -> Slot {
+/// A record arrives as a possible target: settle the voids waiting for it. With
+/// `archive`, a counted event and the void that cancels it are also told as facts.
+fn register(
+    slot: &mut Slot,
+    event: Box<Event>,
+    pos: Position,
+    archive: bool,
+    out: &mut Vec<Result<Counted, Out>>,
+) -> Slot {
     let waiting = match std::mem::replace(slot, Slot::Void { ts: 0 }) {
         Slot::Waiting(list) => list,
         // An id again after the horizon forgot it: a new event.
@@ -220,6 +238,14 @@ fn register(slot: &mut Slot, event: Box<Event>, out: &mut Vec<Result<Counted, Ou
         if w.provider != event.provider_id {
             out.push(Err(dead(Reason::VoidProviderMismatch, w)));
         } else {
+            if archive && !cancelled {
+                // The target stands in the archive as counted, then voided.
+                out.push(Err(Out::Fact(Box::new(Fact::Counted {
+                    event: (*event).clone(),
+                    pos,
+                }))));
+                out.extend(voided_on_arrival(&w, event.ts).map(Err));
+            }
             cancelled = true;
         }
     }
@@ -232,6 +258,12 @@ fn register(slot: &mut Slot, event: Box<Event>, out: &mut Vec<Result<Counted, Ou
         }
     } else {
         let packed = pack(&event);
+        if archive {
+            out.push(Err(Out::Fact(Box::new(Fact::Counted {
+                event: (*event).clone(),
+                pos,
+            }))));
+        }
         out.push(Ok((event, 1)));
         Slot::Sale {
             ts,
@@ -242,7 +274,23 @@ fn register(slot: &mut Slot, event: Box<Event>, out: &mut Vec<Result<Counted, Ou
 }
 
 /// A void visits its target.
-fn cancel(slot: &mut Slot, void: Record, out: &mut Vec<Result<Counted, Out>>) {
+fn cancel(slot: &mut Slot, void: Record, archive: bool, out: &mut Vec<Result<Counted, Out>>) {
+    if archive {
+        if let Slot::Sale {
+            ts,
+            counted: Some(_),
+            provider,
+        } = slot
+        {
+            if *provider == provider_digest(&void.event.provider_id) {
+                out.push(Err(Out::Fact(Box::new(Fact::Voided {
+                    void: (*void.event).clone(),
+                    pos: void.pos,
+                    target_ts: *ts,
+                }))));
+            }
+        }
+    }
     let w = Waiting {
         provider: void.event.provider_id,
         ts: void.event.ts,

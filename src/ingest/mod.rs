@@ -25,7 +25,7 @@
 
 use crate::archive::staging::{StagedEpoch, StagingLog};
 use crate::dataflow::{
-    Cluster, ClusterError, Dataflow, DeadLetter, Epoch, EpochOutput, Out, Record,
+    Cluster, ClusterError, Dataflow, DeadLetter, Epoch, EpochOutput, Fact, Out, Record,
 };
 use crate::decode::{decode, Reason};
 use crate::model::{Millis, Position};
@@ -115,6 +115,8 @@ pub enum RunError {
     /// A worker failed; in a cluster, also another process dying.
     #[error("{0}")]
     Dataflow(String),
+    #[error(transparent)]
+    Lake(#[from] crate::archive::lake::LakeError),
     #[error("{what} {path}")]
     Io {
         what: &'static str,
@@ -211,6 +213,28 @@ pub fn run(
             source,
         })?;
 
+    // The archive's staging: facts of epochs past the lake's last flush are told again
+    // by the replay below, so none is skipped.
+    let stager = if cfg.pipeline.archive.enabled {
+        let lake = crate::archive::lake::Lake::open(&cfg.pipeline.archive.lake, &cfg.data_dir)?;
+        Some(crate::archive::stage::Stager::open(
+            lake,
+            Arc::clone(&cfg.pipeline),
+        )?)
+    } else {
+        None
+    };
+    let staged_epoch = stager.as_ref().map_or(Epoch::MAX, |s| s.staged());
+    let scheduler = if cfg.pipeline.archive.enabled && cfg.pipeline.archive.schedule {
+        let lake = crate::archive::lake::Lake::open(&cfg.pipeline.archive.lake, &cfg.data_dir)?;
+        Some(crate::archive::schedule::Scheduler::start(
+            Arc::clone(&cfg.pipeline),
+            lake,
+        )?)
+    } else {
+        None
+    };
+
     // Epochs to replay, to rebuild dataflow state: streamed, never held whole.
     let staging_path = staging.path().display().to_string();
     let staging_err = |source| RunError::Io {
@@ -238,7 +262,10 @@ pub fn run(
         .saturating_add(longest_window);
     let mut skipped = 0u64;
     while let Some(Ok(s)) = staged.peek() {
-        if s.clock != Millis::MIN && s.clock.saturating_add(reach) < meta.clock {
+        if s.clock != Millis::MIN
+            && s.clock.saturating_add(reach) < meta.clock
+            && s.epoch <= staged_epoch
+        {
             staged.next();
             skipped += 1;
         } else {
@@ -283,10 +310,24 @@ pub fn run(
         std::thread::Builder::new()
             .name("tally-committer".into())
             .spawn(move || {
-                commit_loop(
-                    store, staging, dead, workers, committed, meta_rx, out_rx, permit_rx, feed,
+                let mut archive = Archive { stager, scheduler };
+                let r = commit_loop(
+                    store,
+                    staging,
+                    dead,
+                    &mut archive,
+                    workers,
+                    committed,
+                    meta_rx,
+                    out_rx,
+                    permit_rx,
+                    feed,
                     observe,
-                )
+                );
+                if let Some(s) = archive.scheduler {
+                    s.finish();
+                }
+                r
             })
             .expect("spawn committer")
     };
@@ -332,7 +373,12 @@ pub fn run(
             staged: StagedEpoch::default(),
             line_dead: Vec::new(),
             alerts: Vec::new(),
-            names: Arc::new(Vec::new()),
+            // The archive names a replayed fact's source.
+            names: if s.epoch > staged_epoch {
+                Arc::new(registry.snapshot())
+            } else {
+                Arc::new(Vec::new())
+            },
             records: 0,
             decoded: 0,
             closed_at: Instant::now(),
@@ -612,6 +658,7 @@ fn commit_loop(
     mut store: Box<dyn Store>,
     mut staging: StagingLog,
     mut dead: DeadLetterFile,
+    archive: &mut Archive,
     workers: usize,
     committed: Epoch,
     metas: Receiver<EpochMeta>,
@@ -621,6 +668,7 @@ fn commit_loop(
     mut observe: impl FnMut(&EpochReport),
 ) -> Result<(), RunError> {
     let mut pending: BTreeMap<Epoch, PendingEpoch> = BTreeMap::new();
+    let mut last_clock: Option<Millis> = None;
     let mut metas_open = true;
     let mut outputs_open = true;
     // Once both channels are closed nothing more can arrive: an epoch still pending
@@ -679,7 +727,20 @@ fn commit_loop(
             }
             let p = first.remove();
             let m = p.meta.expect("ready");
+            let (facts, out): (Vec<Out>, Vec<Out>) =
+                p.out.into_iter().partition(|o| matches!(o, Out::Fact(_)));
+            let facts: Vec<Fact> = facts
+                .into_iter()
+                .filter_map(|o| match o {
+                    Out::Fact(f) => Some(*f),
+                    _ => None,
+                })
+                .collect();
+            let (epoch, names) = (m.epoch, Arc::clone(&m.names));
             if m.replay || m.epoch <= committed {
+                if let Some(st) = &mut archive.stager {
+                    st.add(epoch, facts, &names);
+                }
                 continue;
             }
             let report = commit_epoch(
@@ -687,15 +748,88 @@ fn commit_loop(
                 &mut staging,
                 &mut dead,
                 m,
-                p.out,
+                out,
                 feed.as_deref(),
             )?;
+            archive.committed(&mut *store, epoch, report.clock, facts, &names, false)?;
+            last_clock = Some(report.clock);
             record(&report);
             let _ = permits.try_recv();
             observe(&report);
         }
     }
+    // Stage what is buffered, and compact the days closed by now.
+    if let Some(clock) = last_clock {
+        archive.committed(&mut *store, 0, clock, Vec::new(), &[], true)?;
+    } else if let Some(st) = &mut archive.stager {
+        if let Err(e) = st.flush() {
+            tracing::warn!(error = %e, "staging to the lake failed at shutdown; the next start stages it again");
+        }
+    }
     Ok(())
+}
+
+/// The committer's side of the lake: staging, and the compaction schedule.
+struct Archive {
+    stager: Option<crate::archive::stage::Stager>,
+    scheduler: Option<crate::archive::schedule::Scheduler>,
+}
+
+impl Archive {
+    /// After epoch `epoch` committed: stage its facts, flush when due (or `now`), and
+    /// hand the days that closed by `clock` to the compactor with the store as it is.
+    fn committed(
+        &mut self,
+        store: &mut dyn Store,
+        epoch: Epoch,
+        clock: Millis,
+        facts: Vec<Fact>,
+        names: &[String],
+        now: bool,
+    ) -> Result<(), RunError> {
+        let Some(st) = &mut self.stager else {
+            return Ok(());
+        };
+        st.add(epoch, facts, names);
+        let due = self
+            .scheduler
+            .as_ref()
+            .map(|s| s.due(clock))
+            .unwrap_or_default();
+        if !now && !st.due() && due.is_empty() {
+            return Ok(());
+        }
+        match st.flush() {
+            Ok(dates) => {
+                if let Some(s) = &mut self.scheduler {
+                    s.staged(dates);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "staging to the lake failed; kept, tried again at the next flush");
+                return Ok(());
+            }
+        }
+        let Some(sched) = &mut self.scheduler else {
+            return Ok(());
+        };
+        let due = sched.due(clock);
+        if due.is_empty() {
+            return Ok(());
+        }
+        // Everything committed is staged now: the store's rows and the staging files
+        // listed here describe the same epoch.
+        let rows = Arc::new(store.rows()?);
+        for date in due {
+            match crate::archive::compact::staging_files(st.lake(), &date) {
+                Ok(files) => sched.submit(date, files, Arc::clone(&rows)),
+                Err(e) => {
+                    tracing::warn!(%date, error = %e, "listing the day's staging failed; compaction tried again later")
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn commit_epoch(
@@ -729,6 +863,8 @@ fn commit_epoch(
                 counters.duplicates += 1;
                 rejected_decoded += 1;
             }
+            // Split off by the commit loop.
+            Out::Fact(_) => {}
         }
     }
     counters.accepted = m.decoded.saturating_sub(rejected_decoded);

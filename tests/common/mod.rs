@@ -111,6 +111,25 @@ pub fn gen_to(out: &Path, options: &[&str]) {
     ok(&args);
 }
 
+/// The venv's Python (grpcio-tools, duckdb, moto; installed by scripts/deps.sh).
+pub fn python() -> PathBuf {
+    let venv = venv();
+    let py = venv.join("bin/python");
+    assert!(
+        py.exists(),
+        "no Python venv at {}: run `bash scripts/deps.sh` (scripts/test.sh does)",
+        venv.display()
+    );
+    py
+}
+
+/// The venv of scripts/deps.sh.
+pub fn venv() -> PathBuf {
+    std::env::var("TALLY_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/tally-venv"))
+}
+
 /// `GET /metrics` from a running tally.
 pub fn scrape(addr: &str) -> String {
     use std::io::{Read, Write};

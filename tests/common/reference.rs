@@ -15,6 +15,9 @@ pub struct Outcome {
     pub dead: BTreeSet<(Position, &'static str)>,
     pub orphans: BTreeMap<String, u64>,
     pub duplicates: u64,
+    /// The counted events at the end, by (event id, event time): what the archive's
+    /// facts must add up to.
+    pub counted: BTreeSet<(String, Millis)>,
 }
 
 enum Target {
@@ -113,6 +116,10 @@ pub fn reference(p: &Pipeline, epochs: &[Vec<(Event, Position)>]) -> Outcome {
         waiting.retain(|_, l| !l.is_empty());
     }
     out.rows = rows(p, counted.values());
+    out.counted = counted
+        .values()
+        .map(|e| (e.event_id.to_string(), e.ts))
+        .collect();
     out
 }
 

@@ -1,0 +1,882 @@
+//! Compaction: one provider-local day of staged facts into Parquet, verified against
+//! the store before it is published.
+//!
+//! Lake layout (hive style; a file's provider and date are in its path, not its columns):
+//!
+//! ```text
+//! staging/date=D/e<first>-<last>.parquet          facts of epochs first..=last (stage)
+//! events/date=D/provider_id=P/part-NNNNN-H.parquet  counted events, by event time
+//! audit/date=D/provider_id=P/part-NNNNN-H.parquet   voided events and their voids
+//! aggregates/view=V/date=D/provider_id=P/part-00000-H.parquet  the store's rows
+//! manifests/date=D.json                            what is published, per provider
+//! reports/date=D/provider_id=P.json                the last verification that failed
+//! ```
+//!
+//! A provider-day is built from what was published before (its events and audit
+//! files) plus every staged fact of the day, applied as sets: an event by its id, a void
+//! by its target's id; a voided event moves to the audit with its void. Duplicates were
+//! removed by the dataflow already (only counted events are facts), so the events of
+//! the day are exactly those the store's windows count.
+//!
+//! Verification: for every view with a day window (top-k views aside) the counts and
+//! sums of each group, recomputed from the events, must equal the store's row for that
+//! day. A mismatch publishes nothing, writes a report naming the figures that differ,
+//! and counts `tally_compactions_total{outcome="mismatch"}`.
+//!
+//! Publishing: files are written under `_tmp/`, moved to their final names (each name
+//! holds a digest of its bytes, so a new version never overwrites the published one),
+//! then the day's manifest is written, once for all its providers: that write is the
+//! publication, so a reader of the manifest sees the whole day at one version. Files of
+//! the previous version are deleted after it, staging files of the day once every
+//! provider of the day is published. A rerun builds the same bytes: when the manifest already
+//! says so it writes nothing. A kill at any point leaves the previous manifest and its
+//! files readable; the next run completes.
+
+use super::columns::{self, Row, AUDIT, EVENTS, STAGING};
+use super::lake::{Lake, LakeError};
+use crate::dataflow::{aggregate, RowKey, Sums};
+use crate::model::window::{local_day, WindowSize};
+use crate::model::{format_hundredths, Millis, Sum};
+use crate::pipeline::{Pipeline, View};
+use crate::store::StoredRow;
+use arrow_array::builder::{
+    Decimal128Builder, Int64Builder, StringBuilder, TimestampMillisecondBuilder, UInt32Builder,
+    UInt64Builder,
+};
+use arrow_array::{ArrayRef, RecordBatch};
+use chrono::{NaiveDate, TimeZone};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompactError {
+    #[error(transparent)]
+    Lake(#[from] LakeError),
+    /// A lake file that cannot be read back.
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// One published file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub path: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// A currency's figures over a provider-day's counted events (amounts as decimals).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CurrencySums {
+    pub sales_count: i64,
+    pub gross_amount: String,
+    pub refunds_count: i64,
+    pub refunds_amount: String,
+    pub net_amount: String,
+}
+
+/// The smallest and largest position read of one source among a day's events.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Span {
+    pub first: u64,
+    pub last: u64,
+}
+
+/// What is published of one provider-day.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderDay {
+    /// Counted events (the events files' rows).
+    pub rows: u64,
+    /// Events cancelled by a void (in the audit, with their voids).
+    pub voided: u64,
+    pub events: Vec<FileEntry>,
+    pub audit: Vec<FileEntry>,
+    /// By view name.
+    pub aggregates: BTreeMap<String, Vec<FileEntry>>,
+    /// By currency.
+    pub sums: BTreeMap<String, CurrencySums>,
+    /// By source name: the positions the day's events and voids were read at.
+    pub positions: BTreeMap<String, Span>,
+}
+
+/// `manifests/date=D.json`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub date: String,
+    pub providers: BTreeMap<String, ProviderDay>,
+}
+
+/// A figure the lake and the store disagree on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Diff {
+    pub view: String,
+    /// The group's values, provider first.
+    pub group: Vec<String>,
+    pub figure: String,
+    pub store: String,
+    pub lake: String,
+}
+
+/// How one provider-day ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Published {
+        rows: u64,
+        voided: u64,
+        bytes: u64,
+    },
+    /// Already published exactly so: nothing written.
+    Unchanged {
+        rows: u64,
+    },
+    /// Verification failed: nothing published; the report is at `report`.
+    Mismatch {
+        report: String,
+        diffs: Vec<Diff>,
+    },
+}
+
+impl Outcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Published { .. } => "published",
+            Outcome::Unchanged { .. } => "unchanged",
+            Outcome::Mismatch { .. } => "mismatch",
+        }
+    }
+}
+
+/// A day's compaction.
+#[derive(Clone, Debug)]
+pub struct DaySummary {
+    pub date: String,
+    pub providers: Vec<(String, Outcome)>,
+    /// Staged facts read.
+    pub facts: u64,
+    /// Staging files deleted (the day fully published).
+    pub staging_deleted: usize,
+    pub seconds: f64,
+}
+
+impl DaySummary {
+    pub fn mismatches(&self) -> usize {
+        self.providers
+            .iter()
+            .filter(|(_, o)| matches!(o, Outcome::Mismatch { .. }))
+            .count()
+    }
+}
+
+/// Where compaction is, for a progress bar.
+pub enum Step<'a> {
+    /// Providers to do.
+    Start(usize),
+    Done(&'a str, &'a Outcome),
+}
+
+/// Settings beyond the pipeline's.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub target_file_size: u64,
+    /// Rows per row group.
+    pub row_group_rows: usize,
+    pub zstd_level: i32,
+}
+
+impl Settings {
+    pub fn of(p: &Pipeline) -> Settings {
+        Settings {
+            target_file_size: p.archive.target_file_size,
+            row_group_rows: 1 << 20,
+            zstd_level: 3,
+        }
+    }
+}
+
+pub fn manifest_path(date: &str) -> String {
+    format!("manifests/date={date}.json")
+}
+
+/// The published manifest of `date`, if any.
+pub fn manifest(lake: &Lake, date: &str) -> Result<Option<Manifest>, CompactError> {
+    let path = manifest_path(date);
+    match lake.get(&path)? {
+        None => Ok(None),
+        Some(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| CompactError::File {
+                path,
+                reason: e.to_string(),
+            }),
+    }
+}
+
+/// Checks a `YYYY-MM-DD` date.
+pub fn parse_date(d: &str) -> Result<NaiveDate, CompactError> {
+    NaiveDate::parse_from_str(d, "%Y-%m-%d")
+        .map_err(|e| CompactError::Usage(format!("'{d}' is not a date (YYYY-MM-DD): {e}")))
+}
+
+/// The provider's local `date` as UTC instants [start, end).
+pub fn day_bounds(p: &Pipeline, provider: &str, date: NaiveDate) -> (Millis, Millis) {
+    let tz = p.time_zone(provider);
+    let noon = date.and_hms_opt(12, 0, 0).expect("noon exists");
+    let ts = tz
+        .from_local_datetime(&noon)
+        .earliest()
+        .expect("noon exists in every zone")
+        .timestamp_millis();
+    let w = local_day(tz, ts);
+    (w.start, w.end)
+}
+
+/// The facts of a provider-day, as sets.
+#[derive(Default)]
+struct Facts {
+    counted: BTreeMap<String, Row>,
+    /// By target id.
+    voids: BTreeMap<String, Row>,
+}
+
+impl Facts {
+    fn apply(&mut self, r: Row) {
+        match r.tag {
+            "counted" => {
+                self.counted
+                    .entry(r.event.event_id.to_string())
+                    .or_insert(r);
+            }
+            _ => {
+                let target = r
+                    .event
+                    .ref_event_id
+                    .as_deref()
+                    .unwrap_or_default()
+                    .to_owned();
+                self.voids.entry(target).or_insert(r);
+            }
+        }
+    }
+}
+
+fn read_rows(
+    lake: &Lake,
+    path: &str,
+    layout: columns::Layout,
+    provider: Option<&str>,
+) -> Result<Vec<Row>, CompactError> {
+    let bad = |reason: String| CompactError::File {
+        path: path.to_owned(),
+        reason,
+    };
+    let bytes = lake
+        .get(path)?
+        .ok_or_else(|| bad("listed but gone".into()))?;
+    let batches = columns::read_parquet(bytes).map_err(|e| bad(e.to_string()))?;
+    let mut out = Vec::new();
+    for b in &batches {
+        out.extend(columns::from_batch(layout, b, provider).map_err(|e| bad(e.to_string()))?);
+    }
+    Ok(out)
+}
+
+fn sha256(b: &[u8]) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(b);
+    d.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Splits rows into Parquet files of about `target` bytes each.
+fn write_files(
+    layout: columns::Layout,
+    rows: &[Row],
+    s: &Settings,
+) -> Result<Vec<(Vec<u8>, u64)>, parquet::errors::ParquetError> {
+    const CHUNK: usize = 64 * 1024;
+    let mut files = Vec::new();
+    let mut start = 0;
+    while start < rows.len() {
+        let mut buf = Vec::new();
+        let first = columns::to_batch(layout, &rows[start..(start + CHUNK).min(rows.len())]);
+        let mut w = parquet::arrow::ArrowWriter::try_new(
+            &mut buf,
+            first.schema(),
+            Some(columns::props(s.zstd_level, s.row_group_rows)),
+        )?;
+        let mut n = 0u64;
+        let mut at = start;
+        let mut batch = Some(first);
+        while let Some(b) = batch.take() {
+            n += b.num_rows() as u64;
+            at += b.num_rows();
+            w.write(&b)?;
+            if at < rows.len()
+                && ((w.bytes_written() + w.in_progress_size()) as u64) < s.target_file_size
+            {
+                batch = Some(columns::to_batch(
+                    layout,
+                    &rows[at..(at + CHUNK).min(rows.len())],
+                ));
+            }
+        }
+        w.close()?;
+        files.push((buf, n));
+        start = at;
+    }
+    Ok(files)
+}
+
+/// The store's rows of one view, provider-day, as one Parquet file: `window`,
+/// `window_start`, the group fields after `provider_id` (by name), `rank`, `member`,
+/// then every figure of the row.
+fn aggregates_file(
+    view: &View,
+    rows: &[&StoredRow],
+    s: &Settings,
+) -> Result<Vec<u8>, parquet::errors::ParquetError> {
+    let n = rows.len();
+    let mut window = StringBuilder::new();
+    let mut start = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut groups: Vec<StringBuilder> = (1..view.group_by.len())
+        .map(|_| StringBuilder::new())
+        .collect();
+    let mut rank = UInt32Builder::with_capacity(n);
+    let mut member = StringBuilder::new();
+    let dec = |p: u8| {
+        Decimal128Builder::with_capacity(n)
+            .with_precision_and_scale(p, 2)
+            .expect("a valid decimal")
+    };
+    let (mut sales, mut refunds) = (Int64Builder::new(), Int64Builder::new());
+    let (mut gross, mut refunds_amount, mut net) = (dec(38), dec(38), dec(38));
+    let mut distinct = UInt64Builder::new();
+    let (mut min, mut max) = (dec(18), dec(18));
+    for ((key, r), v) in rows.iter().map(|x| (&x.0, &x.1)) {
+        window.append_value(key.size.label());
+        start.append_value(key.start);
+        for (b, g) in groups.iter_mut().zip(key.group.iter().skip(1)) {
+            b.append_value(g);
+        }
+        rank.append_value(*r);
+        member.append_option(v.member.as_deref());
+        sales.append_value(v.sums.sales);
+        gross.append_value(v.sums.gross);
+        refunds.append_value(v.sums.refunds);
+        refunds_amount.append_value(v.sums.refunds_amount);
+        net.append_value(v.sums.net());
+        distinct.append_value(v.distinct_customers);
+        min.append_option(v.min_ticket.map(i128::from));
+        max.append_option(v.max_ticket.map(i128::from));
+    }
+    let mut cols: Vec<(String, ArrayRef, bool)> = vec![
+        ("window".into(), Arc::new(window.finish()), false),
+        ("window_start".into(), Arc::new(start.finish()), false),
+    ];
+    for (f, mut b) in view.group_by.iter().skip(1).zip(groups) {
+        cols.push((f.name(), Arc::new(b.finish()), false));
+    }
+    cols.push(("rank".into(), Arc::new(rank.finish()), false));
+    cols.push(("member".into(), Arc::new(member.finish()), true));
+    cols.push(("sales_count".into(), Arc::new(sales.finish()), false));
+    cols.push(("gross_amount".into(), Arc::new(gross.finish()), false));
+    cols.push(("refunds_count".into(), Arc::new(refunds.finish()), false));
+    cols.push((
+        "refunds_amount".into(),
+        Arc::new(refunds_amount.finish()),
+        false,
+    ));
+    cols.push(("net_amount".into(), Arc::new(net.finish()), false));
+    cols.push((
+        "distinct_customers".into(),
+        Arc::new(distinct.finish()),
+        false,
+    ));
+    cols.push(("min_ticket".into(), Arc::new(min.finish()), true));
+    cols.push(("max_ticket".into(), Arc::new(max.finish()), true));
+    let batch = RecordBatch::try_from_iter_with_nullable(cols).expect("columns of one length");
+    columns::write_parquet(&[batch], columns::props(s.zstd_level, s.row_group_rows))
+}
+
+/// Compares the events' figures with the store's day rows, view by view.
+fn verify(p: &Pipeline, events: &[Row], store: &[&StoredRow], day_start: Millis) -> Vec<Diff> {
+    let mut diffs = Vec::new();
+    for (vi, view) in p.views.iter().enumerate() {
+        if view.top_k.is_some() || !view.windows.contains(&WindowSize::LocalDay) {
+            continue;
+        }
+        let mut lake: BTreeMap<Vec<String>, Sums> = BTreeMap::new();
+        for r in events {
+            let g = view
+                .group_by
+                .iter()
+                .map(|f| aggregate::value(&r.event, f).to_owned())
+                .collect();
+            let s = lake.entry(g).or_default();
+            let d = Sums::of(&r.event, 1);
+            s.sales += d.sales;
+            s.gross += d.gross;
+            s.refunds += d.refunds;
+            s.refunds_amount += d.refunds_amount;
+        }
+        let mut held: BTreeMap<Vec<String>, Sums> = BTreeMap::new();
+        for ((key, _), v) in store.iter().map(|x| (&x.0, &x.1)) {
+            if key.view as usize == vi && key.size == WindowSize::LocalDay && key.start == day_start
+            {
+                held.insert(key.group.iter().map(|g| g.to_string()).collect(), v.sums);
+            }
+        }
+        let groups: BTreeSet<&Vec<String>> = lake.keys().chain(held.keys()).collect();
+        for g in groups {
+            let (a, b) = (
+                held.get(g).copied().unwrap_or_default(),
+                lake.get(g).copied().unwrap_or_default(),
+            );
+            let count = |x: i64| x.to_string();
+            let money = |x: Sum| format_hundredths(x);
+            for (figure, sv, lv) in [
+                ("sales_count", count(a.sales), count(b.sales)),
+                ("gross_amount", money(a.gross), money(b.gross)),
+                ("refunds_count", count(a.refunds), count(b.refunds)),
+                (
+                    "refunds_amount",
+                    money(a.refunds_amount),
+                    money(b.refunds_amount),
+                ),
+            ] {
+                if sv != lv {
+                    diffs.push(Diff {
+                        view: view.name.clone(),
+                        group: g.clone(),
+                        figure: figure.into(),
+                        store: sv,
+                        lake: lv,
+                    });
+                }
+            }
+        }
+    }
+    diffs
+}
+
+fn currency_sums(events: &[Row]) -> BTreeMap<String, CurrencySums> {
+    let mut by: BTreeMap<String, Sums> = BTreeMap::new();
+    for r in events {
+        let s = by.entry(r.event.currency.as_str().to_owned()).or_default();
+        let d = Sums::of(&r.event, 1);
+        s.sales += d.sales;
+        s.gross += d.gross;
+        s.refunds += d.refunds;
+        s.refunds_amount += d.refunds_amount;
+    }
+    by.into_iter()
+        .map(|(c, s)| {
+            (
+                c,
+                CurrencySums {
+                    sales_count: s.sales,
+                    gross_amount: format_hundredths(s.gross),
+                    refunds_count: s.refunds,
+                    refunds_amount: format_hundredths(s.refunds_amount),
+                    net_amount: format_hundredths(s.net()),
+                },
+            )
+        })
+        .collect()
+}
+
+/// A test's way to stop the process at a named step, as a crash would
+/// (`TALLY_FAILPOINT=compact:<step>`; steps: `written`, `moved`, `published`).
+fn failpoint(step: &str) {
+    if std::env::var("TALLY_FAILPOINT").is_ok_and(|f| f == format!("compact:{step}")) {
+        eprintln!("tally: failpoint compact:{step}: aborting");
+        std::process::abort();
+    }
+}
+
+/// Compacts `date` for every provider with staged facts, published files or store
+/// rows that day, or for `only` (whose staging files are then kept: other providers
+/// still need them). `store_rows` are the store's rows (any days).
+pub fn compact_day(
+    lake: &Lake,
+    p: &Pipeline,
+    store_rows: &[StoredRow],
+    date: &str,
+    only: Option<&str>,
+    step: impl FnMut(Step<'_>),
+) -> Result<DaySummary, CompactError> {
+    compact_day_with(lake, p, store_rows, date, only, None, step)
+}
+
+/// The staging files of `date`, by name (epoch order).
+pub fn staging_files(lake: &Lake, date: &str) -> Result<Vec<String>, LakeError> {
+    Ok(lake
+        .list(&format!("staging/date={date}"))?
+        .into_iter()
+        .map(|(path, _)| path)
+        .filter(|path| path.ends_with(".parquet"))
+        .collect())
+}
+
+/// [`compact_day`] on the given staging files (all of the day's when `None`): the
+/// ones that were there when `store_rows` were read. A listed file gone since was
+/// consumed by a compaction that published it.
+pub fn compact_day_with(
+    lake: &Lake,
+    p: &Pipeline,
+    store_rows: &[StoredRow],
+    date: &str,
+    only: Option<&str>,
+    staging: Option<Vec<String>>,
+    mut step: impl FnMut(Step<'_>),
+) -> Result<DaySummary, CompactError> {
+    let started = Instant::now();
+    let day = parse_date(date)?;
+    let settings = Settings::of(p);
+    let listed = staging.is_some();
+    let staging = match staging {
+        Some(s) => s,
+        None => staging_files(lake, date)?,
+    };
+    let mut staged: BTreeMap<String, Vec<Row>> = BTreeMap::new();
+    let mut facts = 0u64;
+    for path in &staging {
+        if listed && lake.get(path)?.is_none() {
+            continue;
+        }
+        for r in read_rows(lake, path, STAGING, None)? {
+            facts += 1;
+            if only.is_none_or(|o| o == r.event.provider_id.as_str()) {
+                staged
+                    .entry(r.event.provider_id.to_string())
+                    .or_default()
+                    .push(r);
+            }
+        }
+    }
+    let mut man = manifest(lake, date)?.unwrap_or_else(|| Manifest {
+        date: date.to_owned(),
+        providers: BTreeMap::new(),
+    });
+    // Store rows of the day, by provider.
+    let mut day_rows: BTreeMap<String, Vec<&StoredRow>> = BTreeMap::new();
+    let mut bounds: BTreeMap<String, (Millis, Millis)> = BTreeMap::new();
+    for row in store_rows {
+        let Some(prov) = row.0 .0.group.first() else {
+            continue;
+        };
+        if only.is_some_and(|o| o != prov.as_str()) {
+            continue;
+        }
+        let (s, e) = *bounds
+            .entry(prov.to_string())
+            .or_insert_with(|| day_bounds(p, prov, day));
+        if (s..e).contains(&row.0 .0.start) {
+            day_rows.entry(prov.to_string()).or_default().push(row);
+        }
+    }
+    let mut providers: BTreeSet<String> = staged.keys().cloned().collect();
+    providers.extend(day_rows.keys().cloned());
+    providers.extend(
+        man.providers
+            .keys()
+            .filter(|k| only.is_none_or(|o| o == k.as_str()))
+            .cloned(),
+    );
+    if let Some(o) = only {
+        providers.insert(o.to_owned());
+    }
+    step(Step::Start(providers.len()));
+    let mut outcomes = Vec::new();
+    let mut cleanups = Vec::new();
+    let mut changed = false;
+    let failed = |e| {
+        metrics::counter!(crate::metrics::COMPACTIONS, "outcome" => "failed").increment(1);
+        e
+    };
+    for prov in providers {
+        let t = Instant::now();
+        let o = compact_provider(
+            lake,
+            p,
+            &settings,
+            date,
+            day,
+            &prov,
+            staged.remove(&prov).unwrap_or_default(),
+            day_rows
+                .get(&prov)
+                .map(|v| v.as_slice())
+                .unwrap_or_default(),
+            &mut man,
+        );
+        let (o, cleanup) = o.map_err(failed)?;
+        metrics::histogram!(crate::metrics::COMPACTION_SECONDS).record(t.elapsed().as_secs_f64());
+        cleanups.extend(cleanup);
+        match &o {
+            Outcome::Published { .. } => changed = true,
+            Outcome::Mismatch { report, diffs } => {
+                tracing::error!(
+                    date,
+                    provider = %prov,
+                    differences = diffs.len(),
+                    report = %report,
+                    "compaction verification failed: the lake's figures differ from the store's; the previous version is kept"
+                );
+            }
+            Outcome::Unchanged { .. } => {}
+        }
+        step(Step::Done(&prov, &o));
+        outcomes.push((prov, o));
+    }
+    // The publication: one write, every provider of the day at once.
+    if changed {
+        lake.put(
+            &manifest_path(date),
+            serde_json::to_vec_pretty(&man).expect("json"),
+        )
+        .map_err(|e| failed(e.into()))?;
+        failpoint("published");
+    }
+    for (_, o) in &outcomes {
+        metrics::counter!(crate::metrics::COMPACTIONS, "outcome" => o.label()).increment(1);
+        if let Outcome::Published { rows, .. } = o {
+            metrics::counter!(crate::metrics::COMPACTED_ROWS).increment(*rows);
+            let midnight = day
+                .and_hms_opt(0, 0, 0)
+                .expect("midnight")
+                .and_utc()
+                .timestamp();
+            metrics::gauge!(crate::metrics::COMPACTED_DATE).set(midnight as f64);
+        }
+    }
+    for c in &cleanups {
+        c.run(lake).map_err(failed)?;
+    }
+    let clean = outcomes
+        .iter()
+        .all(|(_, o)| !matches!(o, Outcome::Mismatch { .. }));
+    let mut staging_deleted = 0;
+    if clean && only.is_none() {
+        for path in &staging {
+            lake.delete(path)?;
+            staging_deleted += 1;
+        }
+    }
+    Ok(DaySummary {
+        date: date.to_owned(),
+        providers: outcomes,
+        facts,
+        staging_deleted,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn compact_provider(
+    lake: &Lake,
+    p: &Pipeline,
+    s: &Settings,
+    date: &str,
+    day: NaiveDate,
+    prov: &str,
+    staged: Vec<Row>,
+    store: &[&StoredRow],
+    man: &mut Manifest,
+) -> Result<(Outcome, Option<Cleanup>), CompactError> {
+    let mut facts = Facts::default();
+    let published = man.providers.get(prov).cloned();
+    if let Some(old) = &published {
+        for f in &old.events {
+            for r in read_rows(lake, &f.path, EVENTS, Some(prov))? {
+                facts.apply(r);
+            }
+        }
+        for f in &old.audit {
+            for mut r in read_rows(lake, &f.path, AUDIT, Some(prov))? {
+                r.tag = if r.tag == "void" { "voided" } else { "counted" };
+                facts.apply(r);
+            }
+        }
+    }
+    for r in staged {
+        facts.apply(r);
+    }
+    let mut events = Vec::new();
+    let mut audit = Vec::new();
+    for (id, r) in std::mem::take(&mut facts.counted) {
+        if facts.voids.contains_key(&id) {
+            audit.push(Row {
+                tag: "voided",
+                target_ts: None,
+                ..r
+            });
+        } else {
+            events.push(r);
+        }
+    }
+    let voided = audit.len() as u64;
+    for (_, r) in std::mem::take(&mut facts.voids) {
+        audit.push(Row { tag: "void", ..r });
+    }
+    let by_time = |a: &Row, b: &Row| {
+        (a.event.ts, &a.event.event_id, a.tag).cmp(&(b.event.ts, &b.event.event_id, b.tag))
+    };
+    events.sort_by(by_time);
+    audit.sort_by(|a, b| {
+        let t = |r: &Row| r.target_ts.unwrap_or(r.event.ts);
+        (t(a), a.tag == "void", &a.event.event_id).cmp(&(t(b), b.tag == "void", &b.event.event_id))
+    });
+
+    let (day_start, _) = day_bounds(p, prov, day);
+    let diffs = verify(p, &events, store, day_start);
+    if !diffs.is_empty() {
+        let path = format!("reports/date={date}/provider_id={prov}.json");
+        let report = serde_json::json!({
+            "date": date,
+            "provider_id": prov,
+            "events": events.len(),
+            "differences": diffs,
+            "note": "the lake's figures (recomputed from the staged and published events) differ from the store's day windows; nothing was published",
+        });
+        lake.put(&path, serde_json::to_vec_pretty(&report).expect("json"))?;
+        return Ok((
+            Outcome::Mismatch {
+                report: path,
+                diffs,
+            },
+            None,
+        ));
+    }
+
+    let parquet = |e: parquet::errors::ParquetError| CompactError::File {
+        path: format!("{date}/{prov}"),
+        reason: e.to_string(),
+    };
+    // name -> bytes, in the order they are moved.
+    let mut files: Vec<(String, Vec<u8>, u64)> = Vec::new();
+    let mut entry = ProviderDay {
+        rows: events.len() as u64,
+        voided,
+        events: Vec::new(),
+        audit: Vec::new(),
+        aggregates: BTreeMap::new(),
+        sums: currency_sums(&events),
+        positions: BTreeMap::new(),
+    };
+    for r in events.iter().chain(&audit) {
+        let sp = entry.positions.entry(r.source.clone()).or_insert(Span {
+            first: r.offset,
+            last: r.offset,
+        });
+        sp.first = sp.first.min(r.offset);
+        sp.last = sp.last.max(r.offset);
+    }
+    let mut add = |dir: String, list: &mut Vec<FileEntry>, made: Vec<(Vec<u8>, u64)>| {
+        for (i, (bytes, rows)) in made.into_iter().enumerate() {
+            let digest = xxhash_rust::xxh3::xxh3_64(&bytes);
+            let path = format!("{dir}/part-{i:05}-{digest:016x}.parquet");
+            list.push(FileEntry {
+                path: path.clone(),
+                rows,
+                bytes: bytes.len() as u64,
+                sha256: sha256(&bytes),
+            });
+            files.push((path, bytes, rows));
+        }
+    };
+    let events_dir = format!("events/date={date}/provider_id={prov}");
+    let audit_dir = format!("audit/date={date}/provider_id={prov}");
+    add(
+        events_dir.clone(),
+        &mut entry.events,
+        write_files(EVENTS, &events, s).map_err(parquet)?,
+    );
+    add(
+        audit_dir.clone(),
+        &mut entry.audit,
+        write_files(AUDIT, &audit, s).map_err(parquet)?,
+    );
+    let mut agg_dirs = Vec::new();
+    for (vi, view) in p.views.iter().enumerate() {
+        let mut rows: Vec<&StoredRow> = store
+            .iter()
+            .copied()
+            .filter(|r| r.0 .0.view as usize == vi)
+            .collect();
+        let dir = format!(
+            "aggregates/view={}/date={date}/provider_id={prov}",
+            view.name
+        );
+        agg_dirs.push(dir.clone());
+        if rows.is_empty() {
+            continue;
+        }
+        rows.sort_by(|a, b| {
+            let k = |r: &StoredRow| -> (String, Millis, Vec<compact_str::CompactString>, u32) {
+                let key: &RowKey = &r.0 .0;
+                (key.size.label(), key.start, key.group.clone(), r.0 .1)
+            };
+            k(a).cmp(&k(b))
+        });
+        let bytes = aggregates_file(view, &rows, s).map_err(parquet)?;
+        let mut list = Vec::new();
+        add(dir, &mut list, vec![(bytes, rows.len() as u64)]);
+        entry.aggregates.insert(view.name.clone(), list);
+    }
+    let tmp = format!("_tmp/date={date}/provider_id={prov}");
+    let mut dirs = vec![events_dir, audit_dir, tmp.clone()];
+    dirs.extend(agg_dirs);
+    let cleanup = Cleanup {
+        dirs,
+        keep: files.iter().map(|(p, _, _)| p.clone()).collect(),
+        report: format!("reports/date={date}/provider_id={prov}.json"),
+    };
+    if published.as_ref() == Some(&entry) {
+        return Ok((Outcome::Unchanged { rows: entry.rows }, Some(cleanup)));
+    }
+    for (path, bytes, _) in &files {
+        lake.put(&format!("{tmp}/{path}"), bytes.clone())?;
+    }
+    failpoint("written");
+    for (path, _, _) in &files {
+        lake.rename(&format!("{tmp}/{path}"), path)?;
+    }
+    failpoint("moved");
+    man.providers.insert(prov.to_owned(), entry.clone());
+    let bytes = files.iter().map(|(_, b, _)| b.len() as u64).sum();
+    Ok((
+        Outcome::Published {
+            rows: entry.rows,
+            voided,
+            bytes,
+        },
+        Some(cleanup),
+    ))
+}
+
+/// What is left to delete once a provider-day's version is published (or found
+/// published): files of other versions and of killed runs, and an old report.
+struct Cleanup {
+    dirs: Vec<String>,
+    keep: BTreeSet<String>,
+    report: String,
+}
+
+impl Cleanup {
+    fn run(&self, lake: &Lake) -> Result<(), CompactError> {
+        for dir in &self.dirs {
+            for (path, _) in lake.list(dir)? {
+                if !self.keep.contains(&path) {
+                    lake.delete(&path)?;
+                }
+            }
+        }
+        lake.delete(&self.report)?;
+        Ok(())
+    }
+}
