@@ -5,6 +5,8 @@
 //!   default pipeline, on the embedded store; prints seconds, events/s and peak RSS
 //!   (of process 0) per run. With `--processes P`, as process 0 of a timely cluster on
 //!   loopback whose other processes are the `tally` binary, W workers each.
+//!   With `--no-archive` (any mode that runs the pipeline), nothing is staged to the
+//!   lake, to show what staging costs.
 //! - `decode --events N`: decoding alone, one thread.
 //! - `rss --events N [--customers C] [--workers W]`: a generated stream straight into
 //!   the pipeline, sampling RSS every million records, with the event time reached.
@@ -16,14 +18,13 @@
 //!   changes to the providers' streams; then Redis memory per row, by view
 //!   (`MEMORY USAGE` of the window and index keys).
 
-use std::io::{BufRead, Write};
-use std::path::PathBuf;
+use std::io::BufRead;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tally::ingest::{self, RunConfig};
 use tally::pipeline::{Pipeline, DEFAULT_PIPELINE};
-use tally::source::gen::{GenOptions, Generator};
+use tally::source::gen::GenOptions;
 use tally::source::Input;
 use tally::store::redis::{RedisConfig, RedisStore};
 use tally::store::StoreConfig;
@@ -61,29 +62,6 @@ fn status(field: &str) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
         * 1024
-}
-
-fn data_file(events: u64) -> PathBuf {
-    let dir = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
-        .join("bench-data");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("gen-seed1-{events}.jsonl"));
-    if !path.exists() {
-        let tmp = path.with_extension("tmp");
-        let mut w =
-            std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp).unwrap());
-        for l in Generator::new(GenOptions {
-            seed: 1,
-            events: Some(events),
-            ..GenOptions::default()
-        }) {
-            w.write_all(&l).unwrap();
-            w.write_all(b"\n").unwrap();
-        }
-        w.flush().unwrap();
-        std::fs::rename(&tmp, &path).unwrap();
-    }
-    path
 }
 
 fn run(
@@ -162,7 +140,9 @@ fn run_in(
     observe: impl FnMut(&ingest::EpochReport) + Send + 'static,
 ) -> f64 {
     let dir = tempfile::tempdir().unwrap();
-    let pipeline = Arc::new(Pipeline::parse("sales.toml", DEFAULT_PIPELINE).unwrap());
+    let mut pipeline = Pipeline::parse("sales.toml", DEFAULT_PIPELINE).unwrap();
+    pipeline.archive.enabled = !NO_ARCHIVE.load(std::sync::atomic::Ordering::Relaxed);
+    let pipeline = Arc::new(pipeline);
     let cfg = RunConfig {
         pipeline,
         store,
@@ -180,9 +160,16 @@ fn run_in(
     start.elapsed().as_secs_f64()
 }
 
+/// `--no-archive`: runs without staging counted events to the lake.
+static NO_ARCHIVE: AtomicBool = AtomicBool::new(false);
+
 fn main() {
     tally::tune_allocator();
     let args: Vec<String> = std::env::args().collect();
+    NO_ARCHIVE.store(
+        args.iter().any(|a| a == "--no-archive"),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let mode = args
         .iter()
         .skip(1)
@@ -195,7 +182,7 @@ fn main() {
             let workers = arg(&args, "--workers", 1) as usize;
             let runs = arg(&args, "--runs", 1);
             let processes = arg(&args, "--processes", 1) as usize;
-            let file = data_file(events);
+            let file = common::data_file(events);
             for _ in 0..runs {
                 let inputs = vec![Input::Path(file.clone())];
                 let secs = if processes > 1 {
@@ -216,7 +203,7 @@ fn main() {
             let workers = arg(&args, "--workers", 1) as usize;
             let runs = arg(&args, "--runs", 1);
             let use_redis = args.iter().any(|a| a == "--redis");
-            let file = data_file(events);
+            let file = common::data_file(events);
             let redis = use_redis.then(|| Redis::start(true));
             for run_ix in 0..runs {
                 let ns = format!("bench{run_ix}");
@@ -262,7 +249,7 @@ fn main() {
         }
         "decode" => {
             let events = arg(&args, "--events", 2_000_000);
-            let file = data_file(events);
+            let file = common::data_file(events);
             let lines: Vec<Vec<u8>> = std::io::BufReader::new(std::fs::File::open(file).unwrap()).split(b'\n').map(Result::unwrap).collect();
             let bytes: usize = lines.iter().map(Vec::len).sum();
             for _ in 0..3 {

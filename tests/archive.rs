@@ -530,7 +530,15 @@ fn a_kill_at_each_step_of_compaction_keeps_the_previous_version_and_a_rerun_comp
 fn facts_lost_in_a_crash_are_staged_again_at_the_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let input = generate(tmp.path(), "30000", "73");
-    let pipe = pipeline_with(tmp.path(), "flush_interval = \"1h\"\nschedule = false");
+    // Epochs of a thousand records, a flush only when a day closes: the open day's
+    // facts are in memory when the run is killed.
+    let pipe = tmp.path().join("slow-flush.toml");
+    std::fs::write(
+        &pipe,
+        DEFAULT_PIPELINE.replace("max_events = 100000", "max_events = 1000")
+            + "\n[archive]\nflush_interval = \"1h\"\nschedule = false\n",
+    )
+    .unwrap();
     let data = tmp.path().join("d");
     let addr = format!("127.0.0.1:{}", common::redis::free_port());
     let mut child = tally()
@@ -547,13 +555,18 @@ fn facts_lost_in_a_crash_are_staged_again_at_the_restart() {
                     == Some(30_000.0)
         },
     );
+    // A day that closes is flushed at once; the facts of the epochs after the last
+    // flush are only in memory.
+    let m = common::scrape(&addr);
+    let staged = common::find_metric(&m, "tally_archive_staged_epoch").unwrap_or(0.0);
+    let committed = common::metric(&m, "tally_last_committed_epoch");
     child.kill().unwrap();
     child.wait().unwrap();
-    let lake = data.join("lake");
     assert!(
-        !lake.join("staging/_progress.json").exists(),
-        "nothing was flushed before the kill"
+        staged < committed,
+        "the lake trails the store at the kill: staged {staged}, committed {committed}"
     );
+    let lake = data.join("lake");
     let export = tmp.path().join("export.jsonl");
     common::run_until_eof(&input, &data, None, Some(&pipe), Some(&export));
     let dates = staged_dates(&lake);
@@ -779,4 +792,155 @@ fn the_lake_on_s3() {
     assert_eq!(got, export_day_figures(&pipeline(), &export));
     let _ = moto.kill();
     let _ = moto.wait();
+}
+
+/// With Redis, a range older than the retention is answered from the lake's daily
+/// aggregates: ListWindows over days whose hour rows Redis has dropped gives every
+/// row an embedded store (which keeps all) has.
+#[test]
+fn old_ranges_come_from_the_lake_once_redis_has_dropped_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let pipe = d.join("short-retention.toml");
+    let text = DEFAULT_PIPELINE
+        .replace("max_events = 100000", "max_events = 100")
+        .replace("\"1h\" = \"35d\"", "\"1h\" = \"30h\"")
+        .replace("\"1d\" = \"400d\"", "\"1d\" = \"1d\"");
+    assert_ne!(text, DEFAULT_PIPELINE);
+    std::fs::write(&pipe, text).unwrap();
+    let keys = d.join("keys.json");
+    let key = |role: &[&str]| {
+        let mut args = vec!["keys", "add", "--keys", s(&keys)];
+        args.extend_from_slice(role);
+        String::from_utf8(common::ok(&args).stdout)
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let (claro, admin) = (key(&["--provider", "claro"]), key(&["--admin"]));
+    let input = d.join("events.jsonl");
+    common::gen_to(
+        &input,
+        &[
+            "--events",
+            "60000",
+            "--events-per-second",
+            "0.4",
+            "--seed",
+            "77",
+        ],
+    );
+    // What an embedded store, which keeps every row, holds.
+    let (reference, full) = (d.join("ref"), d.join("full.jsonl"));
+    common::ok(&[
+        "run",
+        s(&input),
+        "--until-eof",
+        "--no-archive",
+        "--data-dir",
+        s(&reference),
+        "--pipeline",
+        s(&pipe),
+        "--export",
+        s(&full),
+    ]);
+    let redis = common::redis::RedisServer::start();
+    let port = common::redis::free_port();
+    let data = d.join("d");
+    let mut child = tally()
+        .args(["run", s(&input), "--follow", "--data-dir", s(&data)])
+        .args([
+            "--pipeline",
+            s(&pipe),
+            "--redis",
+            &redis.url(),
+            "--keys",
+            s(&keys),
+        ])
+        .args(["--grpc-addr", &format!("127.0.0.1:{port}")])
+        .spawn()
+        .unwrap();
+    let addr = format!("http://127.0.0.1:{port}");
+    let query = |key: &str, args: &[&str]| {
+        tally()
+            .args(["query", "--addr", &addr, "--json"])
+            .args(args)
+            .env("TALLY_API_KEY", key)
+            .output()
+            .unwrap()
+    };
+    let manifest = data.join("lake/manifests/date=2026-11-16.json");
+    common::wait_for(
+        "every record committed and the days compacted",
+        std::time::Duration::from_secs(120),
+        || {
+            let out = query(&admin, &["status"]);
+            out.status.success()
+                && serde_json::from_slice::<Value>(&out.stdout).unwrap()["records"] == 60_000
+                && manifest.exists()
+        },
+    );
+    let hours = |rows: &[Value]| -> Vec<Value> {
+        rows.iter()
+            .filter(|r| {
+                r["view"] == "provider_window" && r["window"] == "1h" && r["provider_id"] == "claro"
+            })
+            .map(|r| {
+                let mut v = r.clone();
+                let o = v.as_object_mut().unwrap();
+                o.remove("provider_id");
+                o.retain(|_, x| !x.is_null());
+                v
+            })
+            .collect()
+    };
+    let want = hours(&export_rows(&full));
+    // Redis has dropped the hours of the first days.
+    let held = d.join("redis.jsonl");
+    common::ok(&[
+        "export",
+        "--redis",
+        &redis.url(),
+        "--data-dir",
+        s(&data),
+        "--out",
+        s(&held),
+    ]);
+    let in_redis = hours(&export_rows(&held));
+    assert!(
+        in_redis.len() + 8 <= want.len(),
+        "Redis holds {} of {} hour rows: nothing to read from the lake",
+        in_redis.len(),
+        want.len()
+    );
+    let out = query(
+        &claro,
+        &[
+            "windows",
+            "--view",
+            "provider_window",
+            "--window",
+            "1h",
+            "--from",
+            "2026-11-15T00:00:00Z",
+            "--to",
+            "2026-11-25T00:00:00Z",
+            "--page-size",
+            "50",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(got.len(), want.len());
+    assert_eq!(got, want);
+    let _ = child.kill();
+    let _ = child.wait();
 }

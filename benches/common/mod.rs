@@ -1,4 +1,6 @@
-//! What the benchmarks share: a `redis-server` on a free loopback port.
+//! What the benchmarks share: a `redis-server` on a free loopback port, and the
+//! generated input file. Each benchmark uses its part of it.
+#![allow(dead_code)]
 
 use std::time::{Duration, Instant};
 
@@ -62,4 +64,32 @@ impl Drop for Redis {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// JSON Lines from the generator (seed 1, default options), cached under the target
+/// directory.
+pub fn data_file(events: u64) -> std::path::PathBuf {
+    let dir = std::path::PathBuf::from(
+        std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()),
+    )
+    .join("bench-data");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("gen-seed1-{events}.jsonl"));
+    if !path.exists() {
+        let tmp = path.with_extension("tmp");
+        use std::io::Write;
+        let mut w =
+            std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp).unwrap());
+        for l in tally::source::gen::Generator::new(tally::source::gen::GenOptions {
+            seed: 1,
+            events: Some(events),
+            ..tally::source::gen::GenOptions::default()
+        }) {
+            w.write_all(&l).unwrap();
+            w.write_all(b"\n").unwrap();
+        }
+        w.flush().unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    }
+    path
 }

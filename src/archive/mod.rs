@@ -3,6 +3,7 @@
 
 pub mod columns;
 pub mod compact;
+pub mod history;
 pub mod lake;
 pub mod schedule;
 pub mod stage;

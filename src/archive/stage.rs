@@ -65,6 +65,10 @@ pub struct Stager {
     last: Epoch,
     staged: Epoch,
     since: Instant,
+    /// When each buffered (date, provider) closes (day end plus lateness), and the
+    /// earliest of them: a day that closes is flushed at once, for its compaction.
+    closes: std::collections::HashMap<(String, String), Millis>,
+    first_close: Millis,
 }
 
 impl Stager {
@@ -80,6 +84,8 @@ impl Stager {
             last: staged,
             staged,
             since: Instant::now(),
+            closes: Default::default(),
+            first_close: Millis::MAX,
         })
     }
 
@@ -128,15 +134,27 @@ impl Stager {
                 ),
             };
             let date = local_date(&self.pipeline, &row.event.provider_id, day_ts);
-            self.buf.entry(date).or_default().push(row);
+            let key = (date, row.event.provider_id.to_string());
+            if !self.closes.contains_key(&key) {
+                let day = super::compact::parse_date(&key.0).expect("a formatted date");
+                let close = super::compact::day_bounds(&self.pipeline, &key.1, day)
+                    .1
+                    .saturating_add(self.pipeline.allowed_lateness.as_millis() as Millis);
+                self.first_close = self.first_close.min(close);
+                self.closes.insert(key.clone(), close);
+            }
+            self.buf.entry(key.0).or_default().push(row);
             self.buffered += 1;
         }
     }
 
-    /// Whether a flush is due.
-    pub fn due(&self) -> bool {
+    /// Whether a flush is due: the interval has passed, the buffer is full, or a
+    /// buffered day has closed by `clock` (so it can be compacted while the store
+    /// still holds all its rows).
+    pub fn due(&self, clock: Millis) -> bool {
         self.first.is_some()
             && (self.buffered >= MAX_BUFFERED
+                || self.first_close <= clock
                 || self.since.elapsed() >= self.pipeline.archive.flush_interval)
     }
 
@@ -182,6 +200,8 @@ impl Stager {
             .collect();
         self.buffered = 0;
         self.first = None;
+        self.closes.clear();
+        self.first_close = Millis::MAX;
         Ok(written)
     }
 

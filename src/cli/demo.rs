@@ -83,6 +83,7 @@ pub fn demo(a: DemoArgs) -> Result<Exit> {
     let feeder = crate::source::channel::Feeder::new("grpc");
     let server = crate::query::Server::start(
         &crate::query::ServeConfig {
+            history: None,
             addr: a.grpc_addr.clone(),
             keys: keys_path.clone(),
             tls: None,

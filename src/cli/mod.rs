@@ -259,6 +259,7 @@ impl GrpcArgs {
             ..Default::default()
         };
         Ok(crate::query::ServeConfig {
+            history: None,
             addr: addr.to_owned(),
             keys: self.keys.clone(),
             tls: self.tls_cert.clone().zip(self.tls_key.clone()),
@@ -544,7 +545,15 @@ fn run(a: RunArgs) -> Result<Exit> {
     let mut server = None;
     let mut feed: Option<Arc<dyn ingest::Feed>> = None;
     if let Some(addr) = &a.grpc.grpc_addr {
-        let serve = a.grpc.config(addr)?;
+        let mut serve = a.grpc.config(addr)?;
+        // Redis forgets windows past its retention: older ranges come from the lake.
+        if matches!(store, StoreConfig::Redis(_)) && pipeline.archive.enabled {
+            let lake = crate::archive::lake::Lake::open(&pipeline.archive.lake, &a.data_dir)?;
+            serve.history = Some(Arc::new(crate::archive::history::History::new(
+                lake,
+                Arc::clone(&pipeline),
+            )));
+        }
         let feeder = crate::source::channel::Feeder::new("grpc");
         inputs.push(Input::Channel(feeder.clone()));
         let (backend, indexed, described) = match &store {

@@ -796,7 +796,7 @@ impl Archive {
             .as_ref()
             .map(|s| s.due(clock))
             .unwrap_or_default();
-        if !now && !st.due() && due.is_empty() {
+        if !now && !st.due(clock) && due.is_empty() {
             return Ok(());
         }
         match st.flush() {

@@ -145,6 +145,8 @@ pub struct Api {
     pub ingest: Option<ingest::IngestHandle>,
     /// Becomes true when the server stops: streams end.
     pub closing: tokio::sync::watch::Receiver<bool>,
+    /// The lake's rows, for ranges past the Redis retention.
+    pub history: Option<Arc<crate::archive::history::History>>,
 }
 
 /// How the server is set up.
@@ -156,6 +158,8 @@ pub struct ServeConfig {
     /// PEM certificate chain and private key: serve TLS.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub limits: Limits,
+    /// With Redis: the lake, for ranges older than the retention (see `archive::history`).
+    pub history: Option<Arc<crate::archive::history::History>>,
 }
 
 /// A view of the pipeline by name, as the API names it.
@@ -393,6 +397,18 @@ impl Api {
                 let provider = tenant.provider().to_owned();
                 let vname = self.pipeline.views[view as usize].name.clone();
                 let filter = filter.clone();
+                // Windows that ended more than the retention before the clock may be
+                // gone from Redis: those come from the lake, where Redis has none.
+                let history = self.history.clone().filter(|_| {
+                    let ttl = self
+                        .pipeline
+                        .retention
+                        .iter()
+                        .find(|(s, _)| *s == size)
+                        .map_or_else(|| crate::store::redis::default_ttl(size), |(_, d)| *d);
+                    let cutoff = self.hub.status().clock - ttl.as_millis() as Millis;
+                    from < cutoff
+                });
                 let rows = tokio::task::spawn_blocking(move || {
                     let q = crate::store::redis::WindowQuery {
                         provider: &provider,
@@ -430,6 +446,16 @@ impl Api {
                             rows
                         }
                     };
+                    if let Some(h) = history {
+                        let held: std::collections::HashSet<(RowKey, u32)> =
+                            rows.iter().map(|r| r.0.clone()).collect();
+                        let old = h
+                            .rows(&provider, view, size, from, to)
+                            .map_err(|e| StoreError::Unavailable(format!("the lake: {e}")))?;
+                        rows.extend(old.into_iter().filter(|((k, rank), _)| {
+                            filter.matches(&k.group) && !held.contains(&(k.clone(), *rank))
+                        }));
+                    }
                     rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
                     Ok::<_, StoreError>(rows)
                 })
@@ -496,6 +522,7 @@ impl Server {
             store,
             ingest,
             closing,
+            history: cfg.history.clone(),
         });
         let thread = std::thread::Builder::new()
             .name("tally-grpc".into())

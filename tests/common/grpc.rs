@@ -70,6 +70,7 @@ impl Tally {
         let hub = Arc::new(Hub::new(indexed, history, Some(data.join("watch"))));
         let server = Server::start(
             &ServeConfig {
+                history: None,
                 addr: "127.0.0.1:0".into(),
                 keys: keys.to_owned(),
                 tls: None,
