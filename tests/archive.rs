@@ -625,6 +625,18 @@ fn a_day_that_does_not_verify_is_not_published() {
             assert_ne!(d["store"], d["lake"]);
         }
     }
+    // A provider that has nothing that day is refused, naming it.
+    let mut c = tally();
+    c.args(["compact", "--quiet", "--date", &day, "--provider", "nobody"])
+        .args(["--data-dir", s(&full), "--lake", s(&lake)]);
+    let out = c.output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("provider 'nobody' has nothing on"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!lake.join(format!("manifests/date={day}.json")).exists());
     // Against its own store the same lake verifies, and the report goes.
     let out = compact_ok(&full, &lake, &day);
     assert!(out.contains("0 failed verification"), "{out}");

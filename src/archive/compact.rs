@@ -588,7 +588,11 @@ pub fn compact_day_with(
             .cloned(),
     );
     if let Some(o) = only {
-        providers.insert(o.to_owned());
+        if !providers.contains(o) {
+            return Err(CompactError::Usage(format!(
+                "provider '{o}' has nothing on {date}: no staged facts, no published version, no rows in the store"
+            )));
+        }
     }
     step(Step::Start(providers.len()));
     let mut outcomes = Vec::new();
