@@ -3,8 +3,9 @@
 //! provider-local date and flush: `staging/date=YYYY-MM-DD/e<first>-<last>.parquet`.
 //!
 //! The committer buffers the facts of committed epochs and flushes them every
-//! `archive.flush_interval` (or 200,000 facts, and at shutdown), then records the last
-//! epoch flushed in `staging/_progress.json`. Facts never flushed (a crash) are not
+//! `archive.flush_interval` (or 200,000 facts, as soon as a buffered provider-day has
+//! closed so it is compacted while the store holds its rows, and at shutdown), then
+//! records the last epoch flushed in `staging/_progress.json`. Facts never flushed (a crash) are not
 //! lost: the restart replays the staging log from the epoch after that one (see
 //! `ingest`), the dataflow tells the same facts again, and they are flushed then.
 //! Facts are applied as sets by compaction, so a fact flushed twice changes nothing.
