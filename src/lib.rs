@@ -20,7 +20,8 @@
 //! - [`ingest`]: the run loop: reading, epochs, the committer, restart.
 //! - [`dataflow`]: the timely dataflow (the only user of timely and differential), in
 //!   one process or a cluster of processes.
-//! - [`store`]: the store interface, the embedded and Redis stores, the export format.
+//! - [`store`]: the store interface, the embedded and Redis stores, the export format, the
+//!   comparison and swap of a backfill's shadow store (`tally replay`).
 //! - [`query`]: the gRPC API (Query, Ingest, Admin, health, reflection), API keys.
 //! - [`metrics`]: Prometheus metrics and their HTTP endpoint.
 //! - [`archive`]: the staging log of dataflow input, replayed after a restart; the

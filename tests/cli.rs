@@ -177,7 +177,7 @@ fn epochs_are_cut_by_time_under_load() {
     let started = std::time::Instant::now();
     run_until_eof(&f, &data, Some(1), Some(&p), None);
     let took = started.elapsed();
-    let store = tally::store::embedded::EmbeddedStore::open(&data).unwrap();
+    let store = tally::store::embedded::EmbeddedStore::open_reader(&data).unwrap();
     let meta = tally::store::Store::meta(&store).clone();
     let staging = tally::archive::staging::StagingLog::open(&data, meta.staging_len).unwrap();
     let sizes: Vec<usize> = staging
@@ -339,7 +339,7 @@ fn metrics_during_a_run_count_what_was_sent() {
         .status();
     assert!(child.wait().unwrap().success());
     // Against what the run committed and wrote.
-    let store = tally::store::embedded::EmbeddedStore::open(&data).unwrap();
+    let store = tally::store::embedded::EmbeddedStore::open_reader(&data).unwrap();
     let c = &tally::store::Store::meta(&store).counters;
     assert_eq!(c.records, lines as u64);
     assert_eq!(

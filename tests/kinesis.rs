@@ -242,7 +242,7 @@ fn line_count(p: &Path) -> u64 {
 
 /// The store's meta in `data` (embedded).
 fn meta(data: &Path) -> tally::store::Meta {
-    let s = tally::store::embedded::EmbeddedStore::open(data).unwrap();
+    let s = tally::store::embedded::EmbeddedStore::open_reader(data).unwrap();
     tally::store::Store::meta(&s).clone()
 }
 

@@ -224,7 +224,7 @@ fn sigterm_commits_what_was_read_and_exits_cleanly() {
         String::from_utf8_lossy(&done.stderr)
     );
     // The store is consistent and its position is within the file.
-    let store = tally::store::embedded::EmbeddedStore::open(&data).unwrap();
+    let store = tally::store::embedded::EmbeddedStore::open_reader(&data).unwrap();
     let pos = tally::store::Store::meta(&store)
         .positions
         .get(input.to_str().unwrap())

@@ -9,6 +9,7 @@ mod compact;
 mod demo;
 mod keys;
 mod publish;
+mod replay;
 mod validate;
 
 use crate::ingest::{self, RunConfig};
@@ -63,6 +64,18 @@ pub enum Command {
     /// writing the day's manifest last. A rerun is a no-op. Exit code 1 when
     /// verification fails (nothing is published then; a report names the figures).
     Compact(compact::CompactArgs),
+    /// Backfill: replay files, Kinesis streams or the lake's compacted days into a
+    /// shadow store, verify it against the live store, and swap it in with --swap.
+    ///
+    /// The shadow is the Redis namespace --into (with --redis) or the embedded store
+    /// in `--data-dir/replay/<into>/`; running the same command again resumes an
+    /// interrupted replay. Windows inside [--since, --until) that the live store has
+    /// sealed are compared row by row (report: `verify.json` there); --swap writes
+    /// the shadow's rows over the live ones where they differ: on Redis in one
+    /// transaction beside the running live writer, on the embedded store while the
+    /// live run is stopped. Values are absolute, so nothing is counted twice. Exit
+    /// code 1 when --swap finds differences without --accept-differences.
+    Replay(Box<replay::ReplayArgs>),
     /// Generate realistic, deterministic events as JSON Lines (same seed, same bytes).
     Gen(GenArgs),
     /// Check a JSON Lines file: counts per dead-letter reason with the first examples.
@@ -477,6 +490,7 @@ pub fn dispatch(cli: Cli) -> Result<Exit> {
         Command::Query(q) => client::query(q),
         Command::Publish(p) => publish::publish(p),
         Command::Compact(c) => compact::compact(c),
+        Command::Replay(r) => replay::replay(*r),
     }
 }
 

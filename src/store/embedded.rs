@@ -19,6 +19,8 @@ const SNAPSHOT_AFTER: u64 = 64 << 20;
 
 pub struct EmbeddedStore {
     dir: PathBuf,
+    /// The writer's exclusive lock on `store/lock` (held while open); `None` for a reader.
+    lock: Option<File>,
     meta: Meta,
     rows: RowMap,
     wal: File,
@@ -39,10 +41,44 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 }
 
 impl EmbeddedStore {
-    /// Opens (or creates) the store under `data_dir/store`.
+    /// Opens (or creates) the store under `data_dir/store` as its one writer: refused
+    /// while another process (or handle) has it open for writing.
     pub fn open(data_dir: &Path) -> Result<EmbeddedStore, StoreError> {
+        Self::open_as(data_dir, true)
+    }
+
+    /// Opens the store to read what is committed, beside a writer that may be
+    /// running: no lock, and a torn tail is skipped, not cut (it may be a commit
+    /// being appended). Committing through it is refused.
+    pub fn open_reader(data_dir: &Path) -> Result<EmbeddedStore, StoreError> {
+        Self::open_as(data_dir, false)
+    }
+
+    fn open_as(data_dir: &Path, writer: bool) -> Result<EmbeddedStore, StoreError> {
         let dir = data_dir.join("store");
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let lock = if writer {
+            let path = dir.join("lock");
+            let f = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(io(&path))?;
+            match f.try_lock() {
+                Ok(()) => Some(f),
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(StoreError::Config(format!(
+                        "the store in {} is open for writing by another process (a running \
+                         `tally run`?): stop it first",
+                        data_dir.display()
+                    )))
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(io(&path)(e)),
+            }
+        } else {
+            None
+        };
         let snap_path = dir.join("snapshot.bin");
         let (mut meta, mut rows) = match File::open(&snap_path) {
             Ok(f) => {
@@ -64,7 +100,8 @@ impl EmbeddedStore {
             .create(true)
             .truncate(false)
             .read(true)
-            .write(true)
+            .write(writer)
+            .append(!writer)
             .open(&wal_path)
             .map_err(io(&wal_path))?;
         let mut good = 0u64;
@@ -77,10 +114,13 @@ impl EmbeddedStore {
                 good += len;
             }
         }
-        wal.set_len(good).map_err(io(&wal_path))?;
-        wal.seek(SeekFrom::Start(good)).map_err(io(&wal_path))?;
+        if writer {
+            wal.set_len(good).map_err(io(&wal_path))?;
+            wal.seek(SeekFrom::Start(good)).map_err(io(&wal_path))?;
+        }
         Ok(EmbeddedStore {
             dir,
+            lock,
             meta,
             rows,
             wal,
@@ -139,6 +179,12 @@ impl Store for EmbeddedStore {
     }
 
     fn commit(&mut self, c: &Commit) -> Result<(), StoreError> {
+        if self.lock.is_none() {
+            return Err(StoreError::Config(format!(
+                "the store in {} was opened for reading",
+                self.dir.display()
+            )));
+        }
         if c.epoch <= self.meta.epoch {
             return Err(StoreError::Stale {
                 offered: c.epoch,

@@ -12,12 +12,14 @@
 //! Implementations: [`embedded::EmbeddedStore`] (the default; a write-ahead log and
 //! snapshots in the data directory) and [`redis::RedisStore`] (one server or a
 //! Cluster). [`StoreConfig`] picks one. Callers: `ingest` (the committer), `tally
-//! export`.
+//! export`, `tally replay` ([`swap`]: a shadow store compared with the live one and
+//! swapped into it).
 
 pub mod embedded;
 pub mod export;
 pub mod frame;
 pub mod redis;
+pub mod swap;
 
 use crate::dataflow::{Epoch, RowKey, RowUpdate, RowValue};
 use crate::model::Millis;
@@ -163,7 +165,7 @@ impl StoreConfig {
     /// Opens the store to read it, leaving any writer in place.
     pub fn open_reader(&self, data_dir: &std::path::Path) -> Result<Box<dyn Store>, StoreError> {
         Ok(match self {
-            StoreConfig::Embedded => Box::new(embedded::EmbeddedStore::open(data_dir)?),
+            StoreConfig::Embedded => Box::new(embedded::EmbeddedStore::open_reader(data_dir)?),
             StoreConfig::Redis(c) => Box::new(redis::RedisStore::open_reader((**c).clone())?),
         })
     }

@@ -836,7 +836,8 @@ impl RedisStore {
 
     /// What some changes do to Redis (all of one provider on a Cluster): the index
     /// and window keys they touch, their rows, TTLs and trims.
-    fn plan(&self, c: &Commit, changes: &[&RowUpdate]) -> Plan {
+    /// `clock`: the commit's clock, which windows are trimmed by (`Millis::MIN`: none).
+    fn plan(&self, clock: Millis, changes: &[&RowUpdate]) -> Plan {
         let mut indexes: Vec<IndexPlan> = Vec::new();
         let mut index_at: std::collections::HashMap<String, usize> = Default::default();
         let mut windows: Vec<WindowPlan> = Vec::new();
@@ -879,12 +880,8 @@ impl RedisStore {
                     let i = *index_at.entry(index_key.clone()).or_insert_with(|| {
                         let size = u.key.size;
                         // Windows that ended more than the TTL before the clock.
-                        let trim = (c.clock != Millis::MIN)
-                            .then(|| {
-                                c.clock
-                                    .checked_sub(ttl_ms(size))?
-                                    .checked_sub(size.max_len())
-                            })
+                        let trim = (clock != Millis::MIN)
+                            .then(|| clock.checked_sub(ttl_ms(size))?.checked_sub(size.max_len()))
                             .flatten();
                         indexes.push(IndexPlan {
                             key: index_key,
@@ -984,7 +981,7 @@ impl RedisStore {
         let next = self.meta_after(c)?;
         let blob = serde_json::to_string(&next).expect("meta serializes");
         let changes: Vec<&RowUpdate> = c.changes.iter().collect();
-        let plan = self.plan(c, &changes);
+        let plan = self.plan(c.clock, &changes);
         let providers = providers_of(&changes);
         let meta_key = self.keys.meta();
         let providers_key = self.keys.providers();
@@ -1021,65 +1018,15 @@ impl RedisStore {
             } else {
                 trims.query(con)?
             };
-            let mut tx = redis::pipe();
-            tx.atomic();
-            for (i, ix) in plan.indexes.iter().enumerate() {
-                let z = tx.cmd("ZADD").arg(&ix.key);
-                for st in &ix.starts {
-                    z.arg(*st).arg(*st);
-                }
-                tx.ignore();
-                if let Some(t) = ix.trim {
-                    let gone = &trimmed[trimmed_ix.iter().position(|x| *x == i).expect("trimmed")];
-                    if !gone.is_empty() {
-                        let d = tx.cmd("DEL");
-                        for st in gone {
-                            d.arg(format!("{}{st}", ix.prefix));
-                        }
-                        tx.ignore();
-                    }
-                    tx.cmd("ZREMRANGEBYSCORE")
-                        .arg(&ix.key)
-                        .arg("-inf")
-                        .arg(format!("({t}"))
-                        .ignore();
-                }
-                tx.cmd("PEXPIRE").arg(&ix.key).arg(ix.ttl_ms).ignore();
-            }
-            for w in &plan.windows {
-                let sets = w.rows.iter().filter(|(_, v)| !v.is_empty());
-                if w.rows.values().any(|v| !v.is_empty()) {
-                    let h = tx.cmd("HSET").arg(&w.key);
-                    for (f, v) in sets {
-                        h.arg(f).arg(v);
-                    }
-                    tx.ignore();
-                }
-                if w.rows.values().any(String::is_empty) {
-                    let h = tx.cmd("HDEL").arg(&w.key);
-                    for (f, _) in w.rows.iter().filter(|(_, v)| v.is_empty()) {
-                        h.arg(f);
-                    }
-                    tx.ignore();
-                }
-                tx.cmd("PEXPIRE").arg(&w.key).arg(w.ttl_ms).ignore();
-            }
-            for (k, rows) in &plan.streams {
-                tx.cmd("XADD")
-                    .arg(k)
-                    .arg("MAXLEN")
-                    .arg("~")
-                    .arg(stream_len)
-                    .arg("*")
-                    .arg("epoch")
-                    .arg(epoch)
-                    .arg("rows")
-                    .arg(rows)
-                    .ignore();
-            }
-            if !providers.is_empty() {
-                tx.cmd("SADD").arg(&providers_key).arg(&providers).ignore();
-            }
+            let mut tx = rows_tx(
+                &plan,
+                &trimmed,
+                &trimmed_ix,
+                &providers,
+                &providers_key,
+                stream_len,
+                epoch,
+            );
             tx.cmd("HSET")
                 .arg(&meta_key)
                 .arg("gen")
@@ -1118,8 +1065,46 @@ impl RedisStore {
                 }
             });
         }
-        // Windows whose last row went leave their index (a dangling start would only
-        // be skipped by readers; this keeps the index exact).
+        self.unindex_emptied(&plan)?;
+        self.meta = next;
+        Ok(())
+    }
+
+    /// Writes rows into the namespace beside its writer, without taking it over: one
+    /// MULTI/EXEC on one server, so a reader sees all of them or none. Meant for
+    /// windows the writer has sealed (a backfill's swap, see [`super::swap`]): the
+    /// writer never writes those again, and its fencing is untouched. Not on a
+    /// Cluster, where one transaction cannot span providers.
+    pub fn patch(&mut self, changes: &[RowUpdate]) -> Result<(), StoreError> {
+        if self.cfg.cluster {
+            return Err(StoreError::Config(
+                "a swap into a Redis Cluster is not supported: one transaction cannot span \
+                 the providers' slots; point the readers at the shadow namespace instead"
+                    .into(),
+            ));
+        }
+        let changes: Vec<&RowUpdate> = changes.iter().collect();
+        let plan = self.plan(Millis::MIN, &changes);
+        let providers = providers_of(&changes);
+        let providers_key = self.keys.providers();
+        let stream_len = self.cfg.changes_stream.unwrap_or(0);
+        let epoch = self.meta.epoch;
+        let tx = rows_tx(
+            &plan,
+            &[],
+            &[],
+            &providers,
+            &providers_key,
+            stream_len,
+            epoch,
+        );
+        self.with(|con| tx.query::<()>(con))?;
+        self.unindex_emptied(&plan)
+    }
+
+    /// Windows whose last row went leave their index (a dangling start would only be
+    /// skipped by readers; this keeps the index exact).
+    fn unindex_emptied(&mut self, plan: &Plan) -> Result<(), StoreError> {
         let emptied: Vec<(&str, &str, Millis)> = plan
             .windows
             .iter()
@@ -1152,7 +1137,6 @@ impl RedisStore {
                 let _: Vec<i64> = batch(self, gone)?;
             }
         }
-        self.meta = next;
         Ok(())
     }
 
@@ -1191,7 +1175,7 @@ impl RedisStore {
         for (p, changes) in &groups {
             let mut keys = Vec::new();
             let mut ops = Vec::new();
-            self.lua_ops(c.epoch, self.plan(c, changes), &mut keys, &mut ops);
+            self.lua_ops(c.epoch, self.plan(c.clock, changes), &mut keys, &mut ops);
             let fence = format!("{}fence", self.keys.provider(p));
             self.apply(&fence, "redo", c.epoch, "", &keys, &ops)?;
         }
@@ -1310,6 +1294,81 @@ fn memory_usage(
         out.entry(name(*ix)).or_default().0 += b.unwrap_or(0);
     }
     Ok(out)
+}
+
+/// One atomic transaction writing a plan's rows: index additions and trims (the
+/// windows `trimmed` read for the indexes `trimmed_ix`), window rows and TTLs, change
+/// streams and the provider set. The caller may add commands before running it.
+#[allow(clippy::too_many_arguments)]
+fn rows_tx(
+    plan: &Plan,
+    trimmed: &[Vec<String>],
+    trimmed_ix: &[usize],
+    providers: &[&str],
+    providers_key: &str,
+    stream_len: u64,
+    epoch: u64,
+) -> redis::Pipeline {
+    let mut tx = redis::pipe();
+    tx.atomic();
+    for (i, ix) in plan.indexes.iter().enumerate() {
+        let z = tx.cmd("ZADD").arg(&ix.key);
+        for st in &ix.starts {
+            z.arg(*st).arg(*st);
+        }
+        tx.ignore();
+        if let Some(t) = ix.trim {
+            let gone = &trimmed[trimmed_ix.iter().position(|x| *x == i).expect("trimmed")];
+            if !gone.is_empty() {
+                let d = tx.cmd("DEL");
+                for st in gone {
+                    d.arg(format!("{}{st}", ix.prefix));
+                }
+                tx.ignore();
+            }
+            tx.cmd("ZREMRANGEBYSCORE")
+                .arg(&ix.key)
+                .arg("-inf")
+                .arg(format!("({t}"))
+                .ignore();
+        }
+        tx.cmd("PEXPIRE").arg(&ix.key).arg(ix.ttl_ms).ignore();
+    }
+    for w in &plan.windows {
+        let sets = w.rows.iter().filter(|(_, v)| !v.is_empty());
+        if w.rows.values().any(|v| !v.is_empty()) {
+            let h = tx.cmd("HSET").arg(&w.key);
+            for (f, v) in sets {
+                h.arg(f).arg(v);
+            }
+            tx.ignore();
+        }
+        if w.rows.values().any(String::is_empty) {
+            let h = tx.cmd("HDEL").arg(&w.key);
+            for (f, _) in w.rows.iter().filter(|(_, v)| v.is_empty()) {
+                h.arg(f);
+            }
+            tx.ignore();
+        }
+        tx.cmd("PEXPIRE").arg(&w.key).arg(w.ttl_ms).ignore();
+    }
+    for (k, rows) in &plan.streams {
+        tx.cmd("XADD")
+            .arg(k)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(stream_len)
+            .arg("*")
+            .arg("epoch")
+            .arg(epoch)
+            .arg("rows")
+            .arg(rows)
+            .ignore();
+    }
+    if !providers.is_empty() {
+        tx.cmd("SADD").arg(providers_key).arg(providers).ignore();
+    }
+    tx
 }
 
 /// Every window key of the namespace, as (view index, size, start, key), and
