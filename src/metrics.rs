@@ -56,6 +56,9 @@ pub const SOURCE_LAG_SECONDS: &str = "tally_source_lag_seconds";
 /// Calls a broker refused for throughput, backed off and retried, label `source`
 /// (counter).
 pub const SOURCE_THROTTLED: &str = "tally_source_throttled_total";
+/// Records a Fluvio partition holds past the next one its reader will read, label
+/// `source` (gauge; read from the cluster every 5 s).
+pub const SOURCE_LAG_RECORDS: &str = "tally_source_lag_records";
 /// Entries held in the dataflow's state, label `stage`: `admit` (event ids within
 /// the dedup horizon), `voids` (void-resolution slots), `rows` (open rows) (gauge).
 pub const STATE_ENTRIES: &str = "tally_state_entries";
@@ -173,6 +176,10 @@ fn describe() {
         SOURCE_BYTES,
         Unit::Bytes,
         "Bytes of the records a source handed over, by source"
+    );
+    describe_gauge!(
+        SOURCE_LAG_RECORDS,
+        "Records a Fluvio partition holds past its reader's next offset"
     );
     describe_gauge!(
         SOURCE_LAG_SECONDS,

@@ -151,6 +151,8 @@ pub enum SourceSpec {
     Stdin,
     /// Every shard of a Kinesis stream.
     Kinesis(crate::source::kinesis::KinesisSpec),
+    /// Every partition of a Fluvio topic.
+    Fluvio(crate::source::fluvio::FluvioSpec),
 }
 
 /// A validated pipeline.
@@ -457,6 +459,22 @@ enum RawSource {
         endpoint: Option<String>,
         poll_interval: Option<Dur>,
     },
+    Fluvio {
+        topic: String,
+        start: Option<FluvioStart>,
+        endpoint: Option<String>,
+        poll_interval: Option<Dur>,
+    },
+}
+
+/// `beginning`, `end` or an offset.
+struct FluvioStart(crate::source::fluvio::FluvioStart);
+
+impl<'de> Deserialize<'de> for FluvioStart {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map(FluvioStart).map_err(serde::de::Error::custom)
+    }
 }
 
 /// `trim_horizon`, `latest` or an RFC 3339 instant.
@@ -731,6 +749,22 @@ impl RawPipeline {
                     k.endpoint = endpoint;
                     SourceSpec::Kinesis(k)
                 }
+                RawSource::Fluvio {
+                    topic,
+                    start,
+                    endpoint,
+                    poll_interval,
+                } => {
+                    let mut f = crate::source::fluvio::FluvioSpec::new(&topic);
+                    if let Some(s) = start {
+                        f.start = s.0;
+                    }
+                    if let Some(p) = poll_interval {
+                        f.poll_interval = p.0;
+                    }
+                    f.endpoint = endpoint;
+                    SourceSpec::Fluvio(f)
+                }
             })
             .collect();
         Ok(Pipeline {
@@ -825,6 +859,37 @@ mod tests {
             "[[sources]]\nkind = \"kinesis\"\nstream = \"sales\"\nshard = \"0\"\n{VIEW}"
         ));
         assert!(e.reason.contains("shard"), "{e}");
+    }
+
+    #[test]
+    fn fluvio_sources_parse_and_bad_starts_name_their_line() {
+        use crate::source::fluvio::FluvioStart;
+        let p = Pipeline::parse(
+            "p.toml",
+            &format!("[[sources]]\nkind = \"fluvio\"\ntopic = \"sales\"\nstart = \"end\"\npoll_interval = \"1s\"\nendpoint = \"127.0.0.1:9003\"\n{VIEW}"),
+        )
+        .unwrap();
+        let SourceSpec::Fluvio(f) = &p.sources[0] else {
+            panic!("{:?}", p.sources)
+        };
+        assert_eq!(
+            (
+                f.topic.as_str(),
+                f.start,
+                f.poll_interval,
+                f.endpoint.as_deref()
+            ),
+            (
+                "sales",
+                FluvioStart::End,
+                Duration::from_secs(1),
+                Some("127.0.0.1:9003")
+            )
+        );
+        let e = err(&format!(
+            "[[sources]]\nkind = \"fluvio\"\ntopic = \"sales\"\nstart = \"later\"\n{VIEW}"
+        ));
+        assert!(e.line == 1 && e.reason.contains("'later'"), "{e}");
     }
 
     #[test]

@@ -95,7 +95,8 @@ pub enum Command {
     /// Manage the API keys of the gRPC server (the keys file of `run --keys`).
     #[command(subcommand)]
     Keys(keys::KeysCommand),
-    /// Send JSON Lines events to a running Tally over gRPC, or to a Kinesis stream.
+    /// Send JSON Lines events to a running Tally over gRPC, to a Kinesis stream or to a
+    /// Fluvio topic.
     ///
     /// Over gRPC (Ingest.Publish, with an ingest key from TALLY_API_KEY) each event is
     /// acknowledged once committed: it prints what was committed and the dead letters
@@ -140,6 +141,8 @@ pub struct RunArgs {
     /// The AWS region of --kinesis (default: the standard chain, e.g. AWS_REGION).
     #[arg(long, requires = "kinesis")]
     pub kinesis_region: Option<String>,
+    #[command(flatten)]
+    pub fluvio: FluvioArgs,
     /// Keep reading files as they grow.
     #[arg(long)]
     pub follow: bool,
@@ -174,6 +177,45 @@ pub struct RunArgs {
     pub store: StoreArgs,
     #[command(flatten)]
     pub cluster: ClusterArgs,
+}
+
+/// Fluvio topics to read (`run`, `replay`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct FluvioArgs {
+    /// Read every partition of this Fluvio topic (repeat for several). With the file
+    /// inputs, replaces the pipeline's sources. Reading goes on until stopped; with
+    /// --until-eof, until every partition has been read to its current end.
+    #[arg(long = "fluvio", value_name = "TOPIC")]
+    pub topics: Vec<String>,
+    /// Where a --fluvio partition with nothing committed starts: beginning, end (its
+    /// end at the first start, kept across restarts) or an offset. Later runs resume
+    /// from the committed offsets.
+    #[arg(long, default_value = "beginning", requires = "topics")]
+    pub fluvio_start: String,
+    /// The Fluvio cluster's SC address (host:port). Default: the current Fluvio
+    /// profile (~/.fluvio/config).
+    #[arg(long, env = "TALLY_FLUVIO_ENDPOINT", requires = "topics")]
+    pub fluvio_endpoint: Option<String>,
+}
+
+impl FluvioArgs {
+    /// The topics as inputs.
+    pub fn inputs(&self) -> Result<Vec<Input>> {
+        let start: crate::source::fluvio::FluvioStart = self
+            .fluvio_start
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--fluvio-start: {e}"))?;
+        Ok(self
+            .topics
+            .iter()
+            .map(|t| {
+                let mut f = crate::source::fluvio::FluvioSpec::new(t);
+                f.start = start;
+                f.endpoint.clone_from(&self.fluvio_endpoint);
+                Input::Fluvio(f)
+            })
+            .collect())
+    }
 }
 
 /// One timely cluster across processes (scale-out). Process 0 reads the inputs,
@@ -507,7 +549,10 @@ fn run(a: RunArgs) -> Result<Exit> {
     if let Some(c) = cluster.as_ref().filter(|c| c.process > 0) {
         return follow(&a, pipeline, c);
     }
-    let (mut inputs, follow) = if a.inputs.is_empty() && a.kinesis.is_empty() {
+    let (mut inputs, follow) = if a.inputs.is_empty()
+        && a.kinesis.is_empty()
+        && a.fluvio.topics.is_empty()
+    {
         let mut inputs = Vec::new();
         let mut follow = a.follow;
         for s in &pipeline.sources {
@@ -518,6 +563,7 @@ fn run(a: RunArgs) -> Result<Exit> {
                     inputs.extend(paths.iter().cloned().map(Input::Path));
                 }
                 SourceSpec::Kinesis(k) => inputs.push(Input::Kinesis(k.clone())),
+                SourceSpec::Fluvio(f) => inputs.push(Input::Fluvio(f.clone())),
             }
         }
         anyhow::ensure!(
@@ -549,6 +595,7 @@ fn run(a: RunArgs) -> Result<Exit> {
             k.region.clone_from(&a.kinesis_region);
             inputs.push(Input::Kinesis(k));
         }
+        inputs.extend(a.fluvio.inputs()?);
         (inputs, a.follow)
     };
     let store = a.store.config(Some(&pipeline))?;
@@ -654,6 +701,7 @@ fn follow(a: &RunArgs, pipeline: Arc<Pipeline>, c: &crate::dataflow::Cluster) ->
     }
     if !a.inputs.is_empty()
         || !a.kinesis.is_empty()
+        || !a.fluvio.topics.is_empty()
         || a.store.redis.is_some()
         || a.export.is_some()
     {

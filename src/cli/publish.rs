@@ -16,6 +16,11 @@
 //! the stream refuses for throughput are put again with backoff. Every line is sent,
 //! in order within a call; a retried record may land after later ones (Tally's
 //! semantics do not depend on arrival order, beyond lateness).
+//!
+//! To Fluvio it sends every line as one record of the topic (--topic) keyed by its
+//! provider_id (the same key rule), so the cluster's partitioner puts a provider's
+//! events in one partition, in order; the producer batches them and is flushed at
+//! the end.
 
 use super::Exit;
 use crate::query::pb;
@@ -33,15 +38,24 @@ pub enum Target {
     /// An AWS Kinesis stream (--stream); credentials and region from the standard
     /// AWS chain (environment, profile, instance or pod role).
     Kinesis,
+    /// A Fluvio topic (--topic) on the cluster of --fluvio-endpoint or the current
+    /// Fluvio profile.
+    Fluvio,
 }
 
 #[derive(Args, Debug)]
 pub struct PublishArgs {
     /// JSON Lines events: a file, or `-` for stdin.
     pub input: PathBuf,
-    /// Where to send them. (The Fluvio target comes with the Fluvio source.)
+    /// Where to send them.
     #[arg(long, value_enum, default_value = "grpc")]
     pub to: Target,
+    /// Fluvio: the topic.
+    #[arg(long, required_if_eq("to", "fluvio"))]
+    pub topic: Option<String>,
+    /// Fluvio: the cluster's SC address (host:port). Default: the current Fluvio profile.
+    #[arg(long, env = "TALLY_FLUVIO_ENDPOINT")]
+    pub fluvio_endpoint: Option<String>,
     /// Kinesis: the stream's name.
     #[arg(long, required_if_eq("to", "kinesis"))]
     pub stream: Option<String>,
@@ -96,6 +110,13 @@ pub fn publish(a: PublishArgs) -> Result<Exit> {
             "{} records put to Kinesis stream {stream} in {} calls ({} put again after throttling)",
             k.records, k.calls, k.retried
         );
+        return Ok(Exit::Ok);
+    }
+    if a.to == Target::Fluvio {
+        let topic = a.topic.clone().context("--to fluvio needs --topic")?;
+        let n = rt.block_on(fluvio::send(&a, &topic, reader, bar.clone()))?;
+        bar.finish_and_clear();
+        println!("{n} records sent to Fluvio topic {topic}");
         return Ok(Exit::Ok);
     }
     let key = std::env::var("TALLY_API_KEY")
@@ -273,6 +294,49 @@ async fn send(
         t.sent
     );
     Ok(t)
+}
+
+mod fluvio {
+    //! `tally publish --to fluvio`.
+
+    use super::PublishArgs;
+    use anyhow::Result;
+
+    pub async fn send(
+        a: &PublishArgs,
+        topic: &str,
+        mut reader: super::Lines,
+        bar: indicatif::ProgressBar,
+    ) -> Result<u64> {
+        let fail = |why: String| anyhow::anyhow!("Fluvio topic '{topic}': {why}");
+        let client = crate::source::fluvio::connect(a.fluvio_endpoint.as_deref())
+            .await
+            .map_err(fail)?;
+        crate::source::fluvio::partitions(&client, topic)
+            .await
+            .map_err(fail)?;
+        let producer = client
+            .topic_producer(topic.to_owned())
+            .await
+            .map_err(|e| fail(format!("{e:#}")))?;
+        let mut n = 0u64;
+        while let Some(line) = reader.next()? {
+            let key = super::kinesis::partition_key(line);
+            producer
+                .send(key, line.to_vec())
+                .await
+                .map_err(|e| fail(format!("sending after {n} records: {e:#}")))?;
+            n += 1;
+            if n.is_multiple_of(10_000) {
+                bar.set_message(format!("{n} records sent"));
+            }
+        }
+        producer
+            .flush()
+            .await
+            .map_err(|e| fail(format!("flushing after {n} records: {e:#}")))?;
+        Ok(n)
+    }
 }
 
 mod kinesis {

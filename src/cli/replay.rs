@@ -58,9 +58,12 @@ pub struct ReplayArgs {
     pub kinesis_endpoint: Option<String>,
     #[arg(long, requires = "kinesis")]
     pub kinesis_region: Option<String>,
+    /// Replay every partition of a Fluvio topic, from --fluvio-start to its current end.
+    #[command(flatten)]
+    pub fluvio: super::FluvioArgs,
     /// Replay the lake's compacted days instead: `D` or `D1..D2` (YYYY-MM-DD,
     /// provider-local). Each provider's windows of those days are verified and swapped.
-    #[arg(long, value_name = "DATES", conflicts_with_all = ["inputs", "kinesis", "since", "until"])]
+    #[arg(long, value_name = "DATES", conflicts_with_all = ["inputs", "kinesis", "topics", "since", "until"])]
     pub from_archive: Option<String>,
     /// The lake of --from-archive. Default: the pipeline's [archive] lake.
     #[arg(long, env = "TALLY_LAKE")]
@@ -144,9 +147,10 @@ pub fn replay(a: ReplayArgs) -> Result<Exit> {
                 k.region.clone_from(&a.kinesis_region);
                 inputs.push(Input::Kinesis(k));
             }
+            inputs.extend(a.fluvio.inputs()?);
             anyhow::ensure!(
                 !inputs.is_empty(),
-                "nothing to replay: name files or directories, --kinesis STREAM, or --from-archive DATES"
+                "nothing to replay: name files or directories, --kinesis STREAM, --fluvio TOPIC, or --from-archive DATES"
             );
             let range = Range {
                 since: a

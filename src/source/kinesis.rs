@@ -40,6 +40,7 @@
 //! Redelivery: the service's at-least-once reads, and a restart between reading and
 //! committing, re-read records; event-id dedup counts them once.
 
+use super::merge::{jitter, merge, Known, Partitions, Report, State, READ_AHEAD};
 use super::{decode, Line, Names, Resume, SourceError, SourceMsg};
 use crate::model::Millis;
 use aws_sdk_kinesis::error::{ProvideErrorMetadata, SdkError};
@@ -261,11 +262,7 @@ impl Reader {
             stream: spec.stream.clone(),
             reason,
         };
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("tally-kinesis")
-            .enable_all()
-            .build()
+        let rt = super::merge::runtime("tally-kinesis")
             .map_err(|e| fail(format!("starting its runtime: {e}")))?;
         let client = rt
             .block_on(client(
@@ -328,7 +325,7 @@ impl Reader {
     /// the stream's start checkpoint first, its end of input once caught up, and
     /// [`SourceMsg::Failed`] when the stream cannot be read any more.
     pub(crate) fn read(self, idx: u32, tx: &Sender<SourceMsg>, stop: &Arc<AtomicBool>) {
-        let (atx, mut arx) = tokio::sync::mpsc::channel::<SourceMsg>(16);
+        let (atx, arx) = tokio::sync::mpsc::channel::<SourceMsg>(16);
         let start = SourceMsg::Lines {
             source: idx,
             lines: Vec::new(),
@@ -354,15 +351,7 @@ impl Reader {
             tx: atx,
         });
         rt.spawn(coordinate(ctx, resume));
-        // This thread forwards to the run loop, blocking when it is busy.
-        while let Some(m) = arx.blocking_recv() {
-            if tx.send(m).is_err() {
-                break;
-            }
-        }
-        stop.store(true, Ordering::Relaxed);
-        drop(arx);
-        rt.shutdown_timeout(Duration::from_secs(5));
+        super::merge::forward(rt, arx, tx, stop);
     }
 }
 
@@ -375,6 +364,21 @@ struct Ctx {
     tx: tokio::sync::mpsc::Sender<SourceMsg>,
 }
 
+impl Partitions for Ctx {
+    fn tx(&self) -> &tokio::sync::mpsc::Sender<SourceMsg> {
+        &self.tx
+    }
+    fn source(&self, shard: &str) -> u32 {
+        self.names.index(&self.spec.shard_name(shard))
+    }
+    fn checkpoint(&self, seq: &str) -> Option<String> {
+        Some(format!("after:{seq}"))
+    }
+    fn ended(&self) -> Option<String> {
+        Some("end".into())
+    }
+}
+
 impl Ctx {
     fn stopped(&self) -> bool {
         self.stop.load(Ordering::Relaxed) || self.tx.is_closed()
@@ -382,15 +386,7 @@ impl Ctx {
 
     /// Sleeps `d`, waking early when the run stops; false if it did.
     async fn pause(&self, d: Duration) -> bool {
-        let until = tokio::time::Instant::now() + d;
-        while tokio::time::Instant::now() < until {
-            if self.stopped() {
-                return false;
-            }
-            let step = until.saturating_duration_since(tokio::time::Instant::now());
-            tokio::time::sleep(step.min(Duration::from_millis(100))).await;
-        }
-        !self.stopped()
+        super::merge::pause(d, &|| self.stopped()).await
     }
 
     async fn fail(&self, reason: String) {
@@ -401,58 +397,6 @@ impl Ctx {
                 reason,
             }))
             .await;
-    }
-}
-
-/// What a shard's task tells the coordinator.
-enum Report {
-    /// Records read, each with its sequence number; the task holds one of the
-    /// shard's permits for them until they are merged out.
-    Batch(String, Vec<(Line, String)>),
-    /// Nothing more to read for now: an empty answer with nothing behind.
-    Idle(String),
-    /// Closed, and read to its end.
-    Ended(String),
-}
-
-#[derive(PartialEq, Eq)]
-enum State {
-    /// Not started: a parent is still being read.
-    Waiting,
-    Reading,
-    /// Its task is done; what it read is still being merged out.
-    Closing,
-    Ended,
-}
-
-/// Batches a shard's task may read ahead of the merge.
-const READ_AHEAD: usize = 2;
-
-struct Known {
-    parents: Vec<String>,
-    state: State,
-    /// Read, not yet merged out: batches of (line, sequence number).
-    queue: std::collections::VecDeque<std::collections::VecDeque<(Line, String)>>,
-    /// The last report said there is nothing to read.
-    idle: bool,
-    permits: Arc<tokio::sync::Semaphore>,
-}
-
-impl Known {
-    /// The merge must wait for this shard: it may still have older records.
-    fn blocks(&self) -> bool {
-        self.queue.is_empty()
-            && match self.state {
-                State::Reading => !self.idle,
-                State::Waiting | State::Closing | State::Ended => false,
-            }
-    }
-
-    /// The event time that orders this shard's next record (a record that did not
-    /// decode has none, and goes first).
-    fn head(&self) -> Option<Millis> {
-        let (line, _) = self.queue.front()?.front()?;
-        Some(line.decoded.as_ref().map_or(Millis::MIN, |e| e.ts))
     }
 }
 
@@ -547,7 +491,7 @@ async fn coordinate(ctx: Arc<Ctx>, mut resume: BTreeMap<String, (String, u64)>) 
                 permits,
             ));
         }
-        match merge(&ctx, &mut known).await {
+        match merge(&*ctx, &mut known).await {
             Ok(ended) => relist |= ended,
             Err(()) => return,
         }
@@ -564,94 +508,10 @@ async fn coordinate(ctx: Arc<Ctx>, mut resume: BTreeMap<String, (String, u64)>) 
         if relist {
             continue;
         }
-        match tokio::time::timeout(Duration::from_millis(200), rrx.recv()).await {
-            Ok(Some(Report::Batch(id, lines))) => {
-                if let Some(k) = known.get_mut(&id) {
-                    k.queue.push_back(lines.into());
-                    k.idle = false;
-                }
-            }
-            Ok(Some(Report::Idle(id))) => {
-                if let Some(k) = known.get_mut(&id) {
-                    k.idle = true;
-                }
-            }
-            Ok(Some(Report::Ended(id))) => {
-                if let Some(k) = known.get_mut(&id) {
-                    k.state = State::Closing;
-                }
-            }
-            Ok(None) | Err(_) => {}
+        if let Ok(Some(r)) = tokio::time::timeout(Duration::from_millis(200), rrx.recv()).await {
+            super::merge::note(&mut known, r);
         }
     }
-}
-
-/// Sends every record the merge can order now (see [`coordinate`]), consecutive
-/// records of one shard as one batch, its checkpoint after its last record; closes
-/// the shards whose tasks have ended and whose records are all out. Returns whether
-/// one closed (its children may start); `Err` once the run loop has gone.
-async fn merge(ctx: &Ctx, known: &mut BTreeMap<String, Known>) -> Result<bool, ()> {
-    let mut out: Option<(String, Vec<Line>, String)> = None;
-    let flush = |out: &mut Option<(String, Vec<Line>, String)>| -> Option<SourceMsg> {
-        let (id, lines, seq) = out.take()?;
-        Some(SourceMsg::Lines {
-            source: ctx.names.index(&ctx.spec.shard_name(&id)),
-            lines,
-            checkpoint: Some(format!("after:{seq}")),
-        })
-    };
-    // A shard starts to block only when its queue runs empty: checked once here,
-    // then where that happens.
-    let mut blocked = known.values().any(Known::blocks);
-    while !blocked {
-        let mut next: Option<(&String, Millis)> = None;
-        for (id, k) in known.iter() {
-            if let Some(t) = k.head() {
-                if next.is_none_or(|(_, best)| t < best) {
-                    next = Some((id, t));
-                }
-            }
-        }
-        let Some((id, _)) = next else { break };
-        let id = id.clone();
-        if out.as_ref().is_some_and(|(o, _, _)| *o != id) {
-            let m = flush(&mut out).expect("a batch");
-            ctx.tx.send(m).await.map_err(|_| ())?;
-        }
-        let k = known.get_mut(&id).expect("known");
-        let batch = k.queue.front_mut().expect("a head");
-        let (line, seq) = batch.pop_front().expect("a head");
-        if batch.is_empty() {
-            k.queue.pop_front();
-            k.permits.add_permits(1);
-            blocked = k.blocks();
-        }
-        match &mut out {
-            Some((_, lines, last)) => {
-                lines.push(line);
-                *last = seq;
-            }
-            None => out = Some((id, vec![line], seq)),
-        }
-    }
-    if let Some(m) = flush(&mut out) {
-        ctx.tx.send(m).await.map_err(|_| ())?;
-    }
-    let mut ended = false;
-    for (id, k) in known.iter_mut() {
-        if k.state == State::Closing && k.queue.is_empty() {
-            k.state = State::Ended;
-            ended = true;
-            let end = SourceMsg::Lines {
-                source: ctx.names.index(&ctx.spec.shard_name(id)),
-                lines: Vec::new(),
-                checkpoint: Some("end".into()),
-            };
-            ctx.tx.send(end).await.map_err(|_| ())?;
-            tracing::debug!(stream = %ctx.spec.stream, shard = %id, "shard read to its end");
-        }
-    }
-    Ok(ended)
 }
 
 async fn list_shards(ctx: &Ctx) -> Result<Vec<aws_sdk_kinesis::types::Shard>, (Failure, String)> {
@@ -834,12 +694,6 @@ async fn read_shard(
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
-}
-
-/// `d` scaled by a random factor in [0.5, 1.0): retrying readers spread out.
-fn jitter(d: Duration) -> Duration {
-    let r = getrandom::u32().unwrap_or(u32::MAX / 2);
-    d.mul_f64(0.5 + f64::from(r) / (2.0 * (f64::from(u32::MAX) + 1.0)))
 }
 
 #[cfg(test)]

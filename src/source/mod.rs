@@ -2,9 +2,11 @@
 //!
 //! An input is a JSON Lines file, a directory of them (read in name order), stdin,
 //! the built-in generator ([`gen`]), records the process hands over itself
-//! ([`channel`], for gRPC Publish; its position is a record count), or a Kinesis
+//! ([`channel`], for gRPC Publish; its position is a record count), a Kinesis
 //! stream ([`kinesis`]: one source per shard, numbered by record, resumed from the
-//! sequence number committed as its checkpoint). Source names are indexed in one
+//! sequence number committed as its checkpoint), or a Fluvio topic ([`fluvio`]: one
+//! source per partition, positioned by offset). The partitions of a Kinesis stream or
+//! a Fluvio topic are merged by event time ([`merge`]). Source names are indexed in one
 //! [`Names`] registry, which grows as shards appear. Each input is
 //! read by its own thread, which splits lines, decodes them (decode is pure and per
 //! line, so it runs beside the dataflow) and sends batches to the ingest loop over a
@@ -13,8 +15,10 @@
 //! line is only read once its newline arrives.
 
 pub mod channel;
+pub mod fluvio;
 pub mod gen;
 pub mod kinesis;
+mod merge;
 
 use crate::decode::{decode, Reason};
 use crate::model::Event;
@@ -39,6 +43,8 @@ pub enum Input {
     Channel(channel::Feeder),
     /// Every shard of a Kinesis stream.
     Kinesis(kinesis::KinesisSpec),
+    /// Every partition of a Fluvio topic.
+    Fluvio(fluvio::FluvioSpec),
 }
 
 /// A source could not be opened or read.
@@ -55,6 +61,9 @@ pub enum SourceError {
     /// failure retrying does not mend.
     #[error("Kinesis stream '{stream}': {reason}")]
     Kinesis { stream: String, reason: String },
+    /// A Fluvio topic cannot be read: missing, the cluster unreachable or refusing.
+    #[error("Fluvio topic '{topic}': {reason}")]
+    Fluvio { topic: String, reason: String },
 }
 
 /// One record read: where, its bytes (without the newline) and what decoding made of it.
@@ -129,6 +138,7 @@ enum Unit {
     Gen(gen::GenOptions),
     Channel(channel::Feeder),
     Kinesis(Box<kinesis::Reader>),
+    Fluvio(Box<fluvio::Reader>),
 }
 
 impl Sources {
@@ -152,6 +162,10 @@ impl Sources {
                 Input::Kinesis(spec) => {
                     let reader = kinesis::Reader::open(spec, resume, registry.clone())?;
                     add(spec.source_name(), Unit::Kinesis(Box::new(reader)))
+                }
+                Input::Fluvio(spec) => {
+                    let reader = fluvio::Reader::open(spec, resume, registry.clone())?;
+                    add(spec.source_name(), Unit::Fluvio(Box::new(reader)))
                 }
                 Input::Stdin => add("-".into(), Unit::Stdin),
                 Input::Generated(g) => add(format!("gen:{}", g.seed), Unit::Gen(g.clone())),
@@ -225,6 +239,11 @@ impl Sources {
                             Unit::Kinesis(r) => {
                                 // Sends its end of input (caught up) or failure itself.
                                 r.read(idx, &tx, &stop);
+                                return;
+                            }
+                            Unit::Fluvio(r) => {
+                                // Sends its end of input (caught up) or failure itself.
+                                r.read(&tx, &stop);
                                 return;
                             }
                         };
