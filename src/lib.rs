@@ -1,7 +1,7 @@
 //! Tally: exact, windowed sales aggregates from a stream of events, committed exactly once.
 //!
 //! ```text
-//! source (files | stdin | Kinesis)  source::*      positions: (source, offset), checkpoints
+//! source (files | stdin | Kinesis | Fluvio)  source::*  positions: (source, offset), checkpoints
 //!   -> decode + validate            decode         bad records -> dead letters (reason)
 //!   -> epochs, watermark            ingest         cut by time and size; backpressure
 //!   -> timely dataflow, N workers   dataflow       dedup -> voids -> windows -> rows
@@ -16,7 +16,8 @@
 //! - [`model`]: events, money, event time, positions, windows (no I/O).
 //! - [`decode`]: bytes to an event or a dead-letter reason (EVENTS.md).
 //! - [`pipeline`]: pipeline files (views, lateness, horizon, epochs, time zones).
-//! - [`source`]: JSON Lines files, directories, stdin, Kinesis streams; the event generator.
+//! - [`source`]: JSON Lines files, directories, stdin, Kinesis streams, Fluvio topics; the
+//!   event generator.
 //! - [`ingest`]: the run loop: reading, epochs, the committer, restart.
 //! - [`dataflow`]: the timely dataflow (the only user of timely and differential), in
 //!   one process or a cluster of processes.

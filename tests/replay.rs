@@ -133,6 +133,7 @@ fn a_replay_of_what_the_live_run_counted_verifies_identical_and_resumes_after_a_
         s(&live),
         "--into",
         "again",
+        "--no-archive",
         s(&full),
     ];
     // A crash after the shadow's third commit.
@@ -212,6 +213,7 @@ fn a_backfill_swaps_the_missing_events_into_the_sealed_windows_and_the_run_goes_
         s(&live),
         "--into",
         "backfill",
+        "--no-archive",
         s(&full),
     ];
     let mut swap = args.to_vec();
@@ -439,6 +441,7 @@ fn on_redis_a_swap_beside_the_running_live_writer_is_seen_whole_by_a_query_loop(
         "live",
         "--into",
         "shadow",
+        "--no-archive",
         "--since",
         "2026-11-16",
         "--until",
@@ -533,4 +536,94 @@ fn a_store_rebuilt_from_the_lakes_compacted_days_verifies_against_the_live_one()
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("holds no compacted day 2026-11-30"), "{err}");
+}
+
+#[test]
+fn a_swap_restages_the_backfilled_days_and_republishes_them_in_the_lake() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let (full, pipe, live, reference) = (generate(d), pipeline(d), d.join("live"), d.join("ref"));
+    let partial = d.join("partial.jsonl");
+    lossy(&full, &partial);
+    let run = |input: &Path, data: &Path| {
+        common::ok(&[
+            "run",
+            s(input),
+            "--until-eof",
+            "--pipeline",
+            s(&pipe),
+            "--data-dir",
+            s(data),
+        ]);
+    };
+    run(&full, &reference);
+    run(&partial, &live);
+    let dates = ["2026-11-15", "2026-11-16"];
+    for date in dates {
+        for data in [&live, &reference] {
+            common::ok(&[
+                "compact",
+                "--quiet",
+                "--pipeline",
+                s(&pipe),
+                "--date",
+                date,
+                "--data-dir",
+                s(data),
+            ]);
+        }
+    }
+    let manifest = |data: &Path, date: &str| -> Value {
+        let text = std::fs::read(data.join(format!("lake/manifests/date={date}.json"))).unwrap();
+        serde_json::from_slice(&text).unwrap()
+    };
+    let figures = |m: &Value| -> Vec<(String, Value, Value)> {
+        m["providers"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(p, d)| (p.clone(), d["rows"].clone(), d["sums"].clone()))
+            .collect()
+    };
+    for date in dates {
+        assert_ne!(
+            figures(&manifest(&live, date)),
+            figures(&manifest(&reference, date)),
+            "{date}"
+        );
+    }
+    let out = replay_ok(&[
+        "--pipeline",
+        s(&pipe),
+        "--data-dir",
+        s(&live),
+        "--into",
+        "lake-fix",
+        "--swap",
+        "--accept-differences",
+        s(&full),
+    ]);
+    assert!(out.contains("staged facts of"), "{out}");
+    assert!(out.contains(": published"), "{out}");
+    // The lake's days now count what a run that got every event counts.
+    for date in dates {
+        assert_eq!(
+            figures(&manifest(&live, date)),
+            figures(&manifest(&reference, date)),
+            "{date}"
+        );
+    }
+    // And a compaction of the whole day agrees with the store.
+    for date in dates {
+        common::ok(&[
+            "compact",
+            "--quiet",
+            "--pipeline",
+            s(&pipe),
+            "--date",
+            date,
+            "--data-dir",
+            s(&live),
+        ]);
+    }
 }

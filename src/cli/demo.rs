@@ -166,13 +166,23 @@ pub fn demo(a: DemoArgs) -> Result<Exit> {
         cluster: None,
     };
     // The upstream system: generated events published over gRPC at the rate.
+    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let publisher = {
         let (addr, key, stop) = (addr.clone(), ingest_key.clone(), Arc::clone(&stop));
+        let acked = Arc::clone(&acked);
         std::thread::Builder::new()
             .name("tally-demo-publisher".into())
-            .spawn(move || publish(&addr, &key, gen, &stop))?
+            .spawn(move || publish(&addr, &key, gen, &stop, &acked))?
     };
     let summary = ingest::run(cfg, report);
+    // Every committed event is acknowledged before the server stops: give the
+    // publisher the acks still on their way (a loaded machine is slow to deliver).
+    if let Ok(s) = &summary {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while acked.load(Ordering::Relaxed) < s.records && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     // Queries over gRPC before the server stops, as claro would ask them.
     let answers = ask(&addr, &provider_key);
     // Stopping the server ends the publisher's stream (events queued but not read
@@ -257,6 +267,7 @@ fn publish(
     key: &str,
     gen: GenOptions,
     stop: &Arc<std::sync::atomic::AtomicBool>,
+    acked: &std::sync::atomic::AtomicU64,
 ) -> (u64, u64) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -313,6 +324,7 @@ fn publish(
                 } else {
                     dead += 1;
                 }
+                acked.fetch_add(1, Ordering::Relaxed);
             }
         }
         feeder.abort();

@@ -7,14 +7,17 @@
 //!    the embedded store in `<data dir>/replay/<into>/`. The shadow is an ordinary
 //!    store with its own positions, staging log and dead letters (in that
 //!    directory), so an interrupted replay resumes where it stopped when run again,
-//!    and a finished one reads nothing more. The shadow stages nothing to the lake.
+//!    and a finished one reads nothing more.
 //! 2. Verify. The shadow's windows inside `[--since, --until)` that the live store
 //!    has sealed are compared row by row with the live store's (see
 //!    [`crate::store::swap`]); every difference goes to `<work dir>/verify.json`.
 //! 3. Swap (`--swap`). Where they differ, the shadow's rows replace the live ones:
 //!    on Redis in one transaction beside the running live writer; on the embedded
 //!    store as one commit while the live run is stopped (its lock refuses otherwise).
-//!    A difference stops the swap unless `--accept-differences` is given.
+//!    A difference stops the swap unless `--accept-differences` is given. With the
+//!    live lake on, the swapped provider-days' facts (staged by the shadow to its own
+//!    lake) are staged in the live lake first, and the days already published are
+//!    compacted again for those providers after the store is written.
 
 use super::{default_workers, load_pipeline, stop_on_signal, Exit, StoreArgs};
 use crate::archive::columns;
@@ -65,9 +68,13 @@ pub struct ReplayArgs {
     /// provider-local). Each provider's windows of those days are verified and swapped.
     #[arg(long, value_name = "DATES", conflicts_with_all = ["inputs", "kinesis", "topics", "since", "until"])]
     pub from_archive: Option<String>,
-    /// The lake of --from-archive. Default: the pipeline's [archive] lake.
+    /// The live deployment's lake (read by --from-archive; a swap restages the
+    /// swapped days there). Default: the pipeline's [archive] lake.
     #[arg(long, env = "TALLY_LAKE")]
     pub lake: Option<String>,
+    /// The live deployment keeps no lake (`run --no-archive`): nothing is restaged.
+    #[arg(long, conflicts_with_all = ["lake", "from_archive"])]
+    pub no_archive: bool,
     /// Verify and swap only windows starting at or after this instant (RFC 3339, or
     /// YYYY-MM-DD for UTC midnight). Default: from the first.
     #[arg(long)]
@@ -100,6 +107,9 @@ pub fn replay(a: ReplayArgs) -> Result<Exit> {
     let mut pipeline = load_pipeline(a.pipeline.as_deref())?;
     if let Some(l) = &a.lake {
         pipeline.archive.lake = l.clone();
+    }
+    if a.no_archive {
+        pipeline.archive.enabled = false;
     }
     anyhow::ensure!(
         !a.into.is_empty()
@@ -167,9 +177,11 @@ pub fn replay(a: ReplayArgs) -> Result<Exit> {
         }
     };
 
-    // 1. Build (or resume) the shadow.
+    // 1. Build (or resume) the shadow. With the live lake on, the shadow stages its
+    // facts to a lake of its own (`<work dir>/lake`), for the swap to restage.
     let mut shadow_pipeline = pipeline.clone();
-    shadow_pipeline.archive.enabled = false;
+    shadow_pipeline.archive.lake = "lake".into();
+    shadow_pipeline.archive.schedule = false;
     let bar = progress(&inputs, a.quiet);
     let observed = bar.clone();
     let failpoint = std::env::var("TALLY_FAILPOINT").ok();
@@ -270,6 +282,17 @@ pub fn replay(a: ReplayArgs) -> Result<Exit> {
         return Ok(Exit::Ok);
     }
     drop(live);
+    // The lake first: the swapped days' facts staged beside the live run's, so a
+    // crash after it leaves the swap to a rerun (staging again writes the same files).
+    let days = swapped_days(&pipeline, &comparison);
+    let lakes = if pipeline.archive.enabled {
+        let live_lake = Lake::open(&pipeline.archive.lake, &a.data_dir)?;
+        let shadow_lake = Lake::open("lake", &work)?;
+        let staged = restage(&live_lake, &shadow_lake, &days, &a.into)?;
+        Some((live_lake, staged))
+    } else {
+        None
+    };
     swap_in(&live_cfg, &a.data_dir, &comparison)?;
     let deleted = comparison
         .changes
@@ -281,7 +304,94 @@ pub fn replay(a: ReplayArgs) -> Result<Exit> {
         comparison.differing(),
         comparison.changes.len() - deleted
     );
-    Ok(Exit::Ok)
+    let Some((lake, staged)) = lakes else {
+        return Ok(Exit::Ok);
+    };
+    // Days already published are compacted again, for the swapped providers only;
+    // the others are compacted as they close, the restaged facts with them.
+    let rows = live_cfg.open_reader(&a.data_dir)?.rows()?;
+    let mut failed = 0;
+    for (date, providers) in &days {
+        if manifest(&lake, date)?.is_none() {
+            continue;
+        }
+        for p in providers {
+            let s = crate::archive::compact::compact_day(
+                &lake,
+                &pipeline,
+                &rows,
+                date,
+                Some(p),
+                |_| {},
+            )
+            .with_context(|| format!("compacting {date} for {p} again"))?;
+            for (p, o) in &s.providers {
+                println!("lake: {date} {p}: {}", o.label());
+            }
+            failed += s.mismatches();
+        }
+    }
+    println!(
+        "lake: {staged} staged facts of {} swapped provider-day(s) restaged in {}",
+        days.values().map(|p| p.len()).sum::<usize>(),
+        lake.name()
+    );
+    Ok(if failed > 0 { Exit::Mismatch } else { Exit::Ok })
+}
+
+/// The provider-local days whose day windows the swap replaces, with their providers.
+fn swapped_days(
+    pipeline: &Pipeline,
+    c: &Comparison,
+) -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+    let mut days: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
+    for u in &c.changes {
+        if u.key.size != crate::model::window::WindowSize::LocalDay {
+            continue;
+        }
+        let provider = u.key.group[0].as_str();
+        let date = crate::archive::stage::local_date(pipeline, provider, u.key.start);
+        days.entry(date).or_default().insert(provider.to_owned());
+    }
+    days
+}
+
+/// Copies the shadow's staged facts of the swapped provider-days into the live
+/// lake's staging, one file per day named for the shadow (written again, the same
+/// file). Compaction applies facts as sets, so facts both runs staged count once.
+fn restage(
+    live: &Lake,
+    shadow: &Lake,
+    days: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+    into: &str,
+) -> Result<u64> {
+    let mut staged = 0;
+    for (date, providers) in days {
+        let mut rows = Vec::new();
+        for path in crate::archive::compact::staging_files(shadow, date)? {
+            let bytes = shadow.get(&path)?.ok_or_else(|| {
+                anyhow::anyhow!("{path} is listed but gone from the shadow's lake")
+            })?;
+            for b in columns::read_parquet(bytes).with_context(|| format!("reading {path}"))? {
+                let r = columns::from_batch(columns::STAGING, &b, None)
+                    .map_err(|e| anyhow::anyhow!("{path}: column {}: {}", e.column, e.reason))?;
+                rows.extend(
+                    r.into_iter()
+                        .filter(|r| providers.contains(r.event.provider_id.as_str())),
+                );
+            }
+        }
+        if rows.is_empty() {
+            continue;
+        }
+        staged += rows.len() as u64;
+        let batch = columns::to_batch(columns::STAGING, &rows);
+        let bytes = columns::write_parquet(&[batch], columns::props(1, 1 << 20))
+            .with_context(|| format!("staging {date}"))?;
+        live.put(&format!("staging/date={date}/replay-{into}.parquet"), bytes)?;
+    }
+    Ok(staged)
 }
 
 /// The windows that take part, by provider.
