@@ -64,8 +64,8 @@ fn staged_dates(lake: &Lake) -> Vec<String> {
 }
 
 /// Runs `file` to committed aggregates in `dir` (embedded store, staging on, the
-/// schedule off) and compacts every staged day; returns the pipeline and the dates.
-fn run_and_compact(file: &Path, dir: &Path) -> (Arc<Pipeline>, Vec<String>) {
+/// schedule off); returns the pipeline.
+fn run_staged(file: &Path, dir: &Path) -> Arc<Pipeline> {
     let mut p = Pipeline::parse("sales.toml", DEFAULT_PIPELINE).unwrap();
     p.archive.schedule = false;
     let p = Arc::new(p);
@@ -85,6 +85,12 @@ fn run_and_compact(file: &Path, dir: &Path) -> (Arc<Pipeline>, Vec<String>) {
         |_| {},
     )
     .unwrap();
+    p
+}
+
+/// [`run_staged`], then every staged day compacted; returns the pipeline and the dates.
+fn run_and_compact(file: &Path, dir: &Path) -> (Arc<Pipeline>, Vec<String>) {
+    let p = run_staged(file, dir);
     let lake = Lake::open("lake", dir).unwrap();
     let rows = StoreConfig::Embedded
         .open_reader(dir)
@@ -225,26 +231,8 @@ fn main() {
     let input_bytes = file.metadata().unwrap().len();
     for _ in 0..runs {
         let dir = tempfile::tempdir().unwrap();
-        let mut p = Pipeline::parse("sales.toml", DEFAULT_PIPELINE).unwrap();
-        p.archive.schedule = false;
-        let p = Arc::new(p);
         let started = Instant::now();
-        ingest::run(
-            RunConfig {
-                pipeline: Arc::clone(&p),
-                store: StoreConfig::Embedded,
-                data_dir: dir.path().to_owned(),
-                workers: 1,
-                inputs: vec![Input::Path(file.clone())],
-                follow: false,
-                until_eof: true,
-                stop: Arc::new(AtomicBool::new(false)),
-                feed: None,
-                cluster: None,
-            },
-            |_| {},
-        )
-        .unwrap();
+        let p = run_staged(&file, dir.path());
         let run_secs = started.elapsed().as_secs_f64();
         let lake_dir = dir.path().join("lake");
         let staged_bytes = dir_bytes(&lake_dir.join("staging"));

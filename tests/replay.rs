@@ -60,6 +60,18 @@ fn pipeline(dir: &Path) -> PathBuf {
     p
 }
 
+/// `tally run INPUTS --until-eof --pipeline PIPE --data-dir DATA`, without a lake
+/// unless `lake`.
+fn run_to_end(inputs: &[&Path], pipe: &Path, data: &Path, lake: bool) {
+    let mut a = vec!["run"];
+    a.extend(inputs.iter().map(|p| s(p)));
+    a.extend(["--until-eof", "--pipeline", s(pipe), "--data-dir", s(data)]);
+    if !lake {
+        a.push("--no-archive");
+    }
+    common::ok(&a);
+}
+
 fn replay(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut c = tally();
     c.arg("replay").arg("--quiet").args(args);
@@ -116,16 +128,7 @@ fn a_replay_of_what_the_live_run_counted_verifies_identical_and_resumes_after_a_
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let (full, pipe, live) = (generate(d), pipeline(d), d.join("live"));
-    common::ok(&[
-        "run",
-        s(&full),
-        "--until-eof",
-        "--no-archive",
-        "--pipeline",
-        s(&pipe),
-        "--data-dir",
-        s(&live),
-    ]);
+    run_to_end(&[&full], &pipe, &live, false);
     let args = [
         "--pipeline",
         s(&pipe),
@@ -169,19 +172,7 @@ fn a_backfill_swaps_the_missing_events_into_the_sealed_windows_and_the_run_goes_
     let (full, pipe, live, reference) = (generate(d), pipeline(d), d.join("live"), d.join("ref"));
     let partial = d.join("partial.jsonl");
     lossy(&full, &partial);
-    let run = |inputs: &[&Path], data: &Path| {
-        let mut a = vec!["run"];
-        a.extend(inputs.iter().map(|p| s(p)));
-        a.extend([
-            "--until-eof",
-            "--no-archive",
-            "--pipeline",
-            s(&pipe),
-            "--data-dir",
-            s(data),
-        ]);
-        common::ok(&a);
-    };
+    let run = |inputs: &[&Path], data: &Path| run_to_end(inputs, &pipe, data, false);
     run(&[&full], &reference);
     // The live run keeps running (following its input) while the first swap is tried.
     let mut child = tally()
@@ -381,16 +372,7 @@ fn on_redis_a_swap_beside_the_running_live_writer_is_seen_whole_by_a_query_loop(
     };
     let old = ask();
     // What a run that got every event answers.
-    common::ok(&[
-        "run",
-        s(&full),
-        "--until-eof",
-        "--no-archive",
-        "--pipeline",
-        s(&pipe),
-        "--data-dir",
-        s(&reference),
-    ]);
+    run_to_end(&[&full], &pipe, &reference, false);
     let want: Vec<Value> = export(&["--data-dir", s(&reference)])
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
@@ -545,19 +527,8 @@ fn a_swap_restages_the_backfilled_days_and_republishes_them_in_the_lake() {
     let (full, pipe, live, reference) = (generate(d), pipeline(d), d.join("live"), d.join("ref"));
     let partial = d.join("partial.jsonl");
     lossy(&full, &partial);
-    let run = |input: &Path, data: &Path| {
-        common::ok(&[
-            "run",
-            s(input),
-            "--until-eof",
-            "--pipeline",
-            s(&pipe),
-            "--data-dir",
-            s(data),
-        ]);
-    };
-    run(&full, &reference);
-    run(&partial, &live);
+    run_to_end(&[&full], &pipe, &reference, true);
+    run_to_end(&[&partial], &pipe, &live, true);
     let dates = ["2026-11-15", "2026-11-16"];
     for date in dates {
         for data in [&live, &reference] {

@@ -124,23 +124,8 @@ pub struct RunArgs {
     /// Dataflow worker threads. Default: the number of cores.
     #[arg(long)]
     pub workers: Option<usize>,
-    /// Read every shard of this Kinesis stream (by name; repeat for several). With the
-    /// file inputs, replaces the pipeline's sources. Credentials come from the
-    /// standard AWS chain. Reading goes on until stopped; with --until-eof, until
-    /// every shard has been read to its current end.
-    #[arg(long, value_name = "STREAM")]
-    pub kinesis: Vec<String>,
-    /// Where a --kinesis stream's first run starts: trim_horizon (the oldest record
-    /// kept), latest, or an RFC 3339 instant (AT_TIMESTAMP). Later runs resume from
-    /// the committed sequence numbers.
-    #[arg(long, default_value = "trim_horizon", requires = "kinesis")]
-    pub kinesis_start: String,
-    /// The Kinesis endpoint, for a local server (default: AWS's for the region).
-    #[arg(long, env = "TALLY_KINESIS_ENDPOINT", requires = "kinesis")]
-    pub kinesis_endpoint: Option<String>,
-    /// The AWS region of --kinesis (default: the standard chain, e.g. AWS_REGION).
-    #[arg(long, requires = "kinesis")]
-    pub kinesis_region: Option<String>,
+    #[command(flatten)]
+    pub kinesis: KinesisArgs,
     #[command(flatten)]
     pub fluvio: FluvioArgs,
     /// Keep reading files as they grow.
@@ -177,6 +162,49 @@ pub struct RunArgs {
     pub store: StoreArgs,
     #[command(flatten)]
     pub cluster: ClusterArgs,
+}
+
+/// Kinesis streams to read (`run`, `replay`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct KinesisArgs {
+    /// Read every shard of this Kinesis stream (by name; repeat for several). With the
+    /// file inputs, replaces the pipeline's sources. Credentials come from the
+    /// standard AWS chain. Reading goes on until stopped; with --until-eof, until
+    /// every shard has been read to its current end.
+    #[arg(long = "kinesis", id = "kinesis", value_name = "STREAM")]
+    pub streams: Vec<String>,
+    /// Where a --kinesis stream's first run starts: trim_horizon (the oldest record
+    /// kept), latest, or an RFC 3339 instant (AT_TIMESTAMP). Later runs resume from
+    /// the committed sequence numbers.
+    #[arg(long, default_value = "trim_horizon", requires = "kinesis")]
+    pub kinesis_start: String,
+    /// The Kinesis endpoint, for a local server (default: AWS's for the region).
+    #[arg(long, env = "TALLY_KINESIS_ENDPOINT", requires = "kinesis")]
+    pub kinesis_endpoint: Option<String>,
+    /// The AWS region of --kinesis (default: the standard chain, e.g. AWS_REGION).
+    #[arg(long, requires = "kinesis")]
+    pub kinesis_region: Option<String>,
+}
+
+impl KinesisArgs {
+    /// The streams as inputs.
+    pub fn inputs(&self) -> Result<Vec<Input>> {
+        let start: crate::source::kinesis::StartAt = self
+            .kinesis_start
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--kinesis-start: {e}"))?;
+        Ok(self
+            .streams
+            .iter()
+            .map(|stream| {
+                let mut k = crate::source::kinesis::KinesisSpec::new(stream);
+                k.start = start;
+                k.endpoint.clone_from(&self.kinesis_endpoint);
+                k.region.clone_from(&self.kinesis_region);
+                Input::Kinesis(k)
+            })
+            .collect())
+    }
 }
 
 /// Fluvio topics to read (`run`, `replay`).
@@ -550,7 +578,7 @@ fn run(a: RunArgs) -> Result<Exit> {
         return follow(&a, pipeline, c);
     }
     let (mut inputs, follow) = if a.inputs.is_empty()
-        && a.kinesis.is_empty()
+        && a.kinesis.streams.is_empty()
         && a.fluvio.topics.is_empty()
     {
         let mut inputs = Vec::new();
@@ -584,17 +612,7 @@ fn run(a: RunArgs) -> Result<Exit> {
                 }
             })
             .collect();
-        let start: crate::source::kinesis::StartAt = a
-            .kinesis_start
-            .parse()
-            .map_err(|e| anyhow::anyhow!("--kinesis-start: {e}"))?;
-        for stream in &a.kinesis {
-            let mut k = crate::source::kinesis::KinesisSpec::new(stream);
-            k.start = start;
-            k.endpoint.clone_from(&a.kinesis_endpoint);
-            k.region.clone_from(&a.kinesis_region);
-            inputs.push(Input::Kinesis(k));
-        }
+        inputs.extend(a.kinesis.inputs()?);
         inputs.extend(a.fluvio.inputs()?);
         (inputs, a.follow)
     };
@@ -700,7 +718,7 @@ fn follow(a: &RunArgs, pipeline: Arc<Pipeline>, c: &crate::dataflow::Cluster) ->
         crate::metrics::serve(addr).with_context(|| format!("--metrics-addr {addr}"))?;
     }
     if !a.inputs.is_empty()
-        || !a.kinesis.is_empty()
+        || !a.kinesis.streams.is_empty()
         || !a.fluvio.topics.is_empty()
         || a.store.redis.is_some()
         || a.export.is_some()

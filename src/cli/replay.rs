@@ -50,17 +50,9 @@ pub struct ReplayArgs {
     /// and the work directory under --data-dir/replay/.
     #[arg(long, default_value = "replay")]
     pub into: String,
-    /// Replay every shard of this Kinesis stream, from --kinesis-start to its current end.
-    #[arg(long, value_name = "STREAM")]
-    pub kinesis: Vec<String>,
-    /// Where the shadow's first read of --kinesis starts: trim_horizon, latest or an
-    /// RFC 3339 instant.
-    #[arg(long, default_value = "trim_horizon", requires = "kinesis")]
-    pub kinesis_start: String,
-    #[arg(long, env = "TALLY_KINESIS_ENDPOINT", requires = "kinesis")]
-    pub kinesis_endpoint: Option<String>,
-    #[arg(long, requires = "kinesis")]
-    pub kinesis_region: Option<String>,
+    /// Replay every shard of a Kinesis stream, from --kinesis-start to its current end.
+    #[command(flatten)]
+    pub kinesis: super::KinesisArgs,
     /// Replay every partition of a Fluvio topic, from --fluvio-start to its current end.
     #[command(flatten)]
     pub fluvio: super::FluvioArgs,
@@ -146,17 +138,7 @@ pub fn replay(a: ReplayArgs) -> Result<Exit> {
         }
         None => {
             let mut inputs: Vec<Input> = a.inputs.iter().cloned().map(Input::Path).collect();
-            let start: crate::source::kinesis::StartAt = a
-                .kinesis_start
-                .parse()
-                .map_err(|e| anyhow::anyhow!("--kinesis-start: {e}"))?;
-            for stream in &a.kinesis {
-                let mut k = crate::source::kinesis::KinesisSpec::new(stream);
-                k.start = start;
-                k.endpoint.clone_from(&a.kinesis_endpoint);
-                k.region.clone_from(&a.kinesis_region);
-                inputs.push(Input::Kinesis(k));
-            }
+            inputs.extend(a.kinesis.inputs()?);
             inputs.extend(a.fluvio.inputs()?);
             anyhow::ensure!(
                 !inputs.is_empty(),
