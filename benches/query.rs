@@ -103,6 +103,7 @@ fn serve(dir: &Path, redis: bool, events: u64, epoch: Option<Duration>) -> Serve
     let server = Server::start(
         &ServeConfig {
             history: None,
+            replay: None,
             addr: "127.0.0.1:0".into(),
             keys: keys_path,
             tls: None,

@@ -131,8 +131,49 @@ fn queries_equal_the_export(store: StoreConfig) {
     });
     let summary_checks = rt.block_on(summaries(&t, &keys.claro));
     let top = rt.block_on(top_products(&t, &keys.claro));
+    let (snapshot_epoch, snapshot, top_only) = rt.block_on(async {
+        let mut a = AdminClient::new(channel(&t.addr).await);
+        let mut read = async |view: &str| {
+            let mut s = a
+                .snapshot(req(
+                    pb::SnapshotRequest { view: view.into() },
+                    Some(&keys.admin),
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            let (mut epochs, mut lines) = (BTreeSet::new(), Vec::new());
+            while let Some(c) = s.message().await.unwrap() {
+                epochs.insert(c.epoch);
+                lines.extend(c.lines);
+            }
+            assert_eq!(epochs.len(), 1, "one epoch in every chunk: {epochs:?}");
+            (epochs.pop_first().unwrap(), lines)
+        };
+        let (epoch, all) = read("").await;
+        let (_, top) = read("top_products").await;
+        (epoch, all, top)
+    });
+    assert_eq!(snapshot_epoch, t.hub.status().epoch);
     t.stop();
+    // Admin.Snapshot is the export, line for line, and a view's snapshot its lines.
     let export = export_by_provider(&store, &data);
+    let exported_lines: Vec<String> = std::fs::read_to_string(data.join("export.jsonl"))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert!(snapshot.len() > 1000, "{} snapshot rows", snapshot.len());
+    assert_eq!(
+        snapshot, exported_lines,
+        "Admin.Snapshot differs from the export"
+    );
+    let want_top: Vec<&String> = exported_lines
+        .iter()
+        .filter(|l| l.starts_with("{\"view\":\"top_products\""))
+        .collect();
+    assert!(!want_top.is_empty());
+    assert_eq!(top_only.iter().collect::<Vec<_>>(), want_top);
     assert!(claro.len() > 1000, "{} rows", claro.len());
     assert_eq!(sorted(claro), sorted(export["claro"].clone()));
     assert_eq!(sorted(tigo), sorted(export["tigo"].clone()));
@@ -392,6 +433,25 @@ fn keys_and_roles(store: StoreConfig) {
                 admin,
                 "Admin with {key:?}"
             );
+            let snapshot = match a.snapshot(req(pb::SnapshotRequest::default(), key)).await {
+                Ok(s) => code(s.into_inner().message().await.map(|_| Code::Ok)),
+                Err(e) => e.code(),
+            };
+            assert_eq!(snapshot, admin, "Admin.Snapshot with {key:?}");
+            // This server was not started by `tally run`: it has no deployment to
+            // replay into, which only an admin key gets to learn.
+            let replay = pb::ReplayRequest {
+                into: "bf".into(),
+                paths: vec!["events.jsonl".into()],
+                ..Default::default()
+            };
+            let replayed = code(a.replay(req(replay, key)).await.map(|_| Code::Ok));
+            let want = if admin == Code::Ok {
+                Code::FailedPrecondition
+            } else {
+                admin
+            };
+            assert_eq!(replayed, want, "Admin.Replay with {key:?}");
             let events = tokio_stream::iter(vec![pb::PublishRequest {
                 sequence: 1,
                 event: b"{}".to_vec(),

@@ -1,9 +1,10 @@
 //! `tally replay`, end to end: a replay of what the live run counted verifies
 //! identical (and resumes after a crash mid-build); a backfill of events the live run
 //! never got is swapped into its sealed windows (refused while the embedded run is
-//! running), and the run goes on from there; on Redis the swap happens beside the
-//! running live writer while a query loop sees the old windows or the new ones, never
-//! a mix; a store rebuilt from the lake's compacted days verifies against the live one.
+//! running), and the run goes on from there; on Redis the swap (asked of the live
+//! server over Admin.Replay) happens beside the running live writer while a query
+//! loop sees the old windows or the new ones, never a mix; a store rebuilt from the
+//! lake's compacted days verifies against the live one.
 
 mod common;
 
@@ -412,29 +413,37 @@ fn on_redis_a_swap_beside_the_running_live_writer_is_seen_whole_by_a_query_loop(
             seen
         })
     };
-    let out = replay_ok(&[
-        "--pipeline",
-        s(&pipe),
-        "--data-dir",
-        s(&live),
-        "--redis",
-        &redis.url(),
-        "--redis-namespace",
-        "live",
-        "--into",
-        "shadow",
-        "--no-archive",
-        "--since",
-        "2026-11-16",
-        "--until",
-        "2026-11-17",
-        "--swap",
-        "--accept-differences",
-        s(&full),
-    ]);
+    // The backfill through Admin.Replay: the live server runs `tally replay` with its
+    // own pipeline, data directory, Redis and namespace.
+    let replayed = query(
+        &admin,
+        &[
+            "replay",
+            "--into",
+            "shadow",
+            "--since",
+            "2026-11-16T00:00:00Z",
+            "--until",
+            "2026-11-17T00:00:00Z",
+            "--swap",
+            "--accept-differences",
+            s(&full),
+        ],
+    );
+    let out = String::from_utf8_lossy(&replayed.stdout);
+    let err = String::from_utf8_lossy(&replayed.stderr);
+    assert!(replayed.status.success(), "{out}\n{err}");
     assert!(
         out.contains("window(s) of the live store replaced"),
-        "{out}"
+        "{out}\n{err}"
+    );
+    let (compared, identical, _) = verified(&out);
+    assert!(compared >= 20 && identical < compared, "{out}");
+    assert!(
+        err.contains(&format!(
+            "replay: {compared} windows compared, {identical} identical"
+        )),
+        "{err}"
     );
     // A few more answers after the swap.
     let after = ask();
@@ -597,4 +606,113 @@ fn a_swap_restages_the_backfilled_days_and_republishes_them_in_the_lake() {
             s(&live),
         ]);
     }
+}
+
+#[test]
+fn admin_replay_runs_one_replay_at_a_time_and_reports_how_it_ended() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let (full, pipe, live) = (generate(d), pipeline(d), d.join("live"));
+    let partial = d.join("partial.jsonl");
+    lossy(&full, &partial);
+    let keys = d.join("keys.json");
+    let admin =
+        String::from_utf8(common::ok(&["keys", "add", "--keys", s(&keys), "--admin"]).stdout)
+            .unwrap()
+            .trim()
+            .to_owned();
+    let port = common::redis::free_port();
+    let mut child = tally()
+        .args(["run", s(&partial), "--follow", "--no-archive"])
+        .args(["--pipeline", s(&pipe), "--data-dir", s(&live)])
+        .args([
+            "--keys",
+            s(&keys),
+            "--grpc-addr",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .spawn()
+        .unwrap();
+    let addr = format!("http://127.0.0.1:{port}");
+    let query = |args: &[&str]| {
+        tally()
+            .args(["query", "--addr", &addr, "--json"])
+            .args(args)
+            .env("TALLY_API_KEY", &admin)
+            .output()
+            .unwrap()
+    };
+    let lines = std::fs::read_to_string(&partial).unwrap().lines().count() as u64;
+    common::wait_for(
+        "the live run committed its input",
+        Duration::from_secs(120),
+        || {
+            let out = query(&["status"]);
+            out.status.success()
+                && serde_json::from_slice::<Value>(&out.stdout).unwrap()["records"] == lines
+        },
+    );
+    // A second replay while one runs is refused.
+    let slow = tally()
+        .args(["query", "--addr", &addr, "replay", "--into", "bf", s(&full)])
+        .env("TALLY_API_KEY", &admin)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let second = query(&["replay", "--into", "other", s(&full)]);
+    let first = slow.wait_with_output().unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&first.stdout),
+        String::from_utf8_lossy(&first.stderr),
+    );
+    assert!(first.status.success(), "{out}\n{err}");
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("a replay is already running"),
+        "{second:?}"
+    );
+    // The verification, as the CLI prints it and as the final message counts it.
+    let (compared, identical, differ) = verified(&out);
+    assert!(
+        compared >= 20 && differ > 0 && identical + differ == compared,
+        "{out}"
+    );
+    assert!(
+        err.contains(&format!(
+            "replay: {compared} windows compared, {identical} identical"
+        )),
+        "{err}"
+    );
+    // Without --accept-differences the swap stops (exit 1); with it, on the embedded
+    // store, the running live run's lock refuses it (a failure, the lock named).
+    let refused = query(&["replay", "--into", "bf", "--swap", s(&full)]);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stdout).contains("not swapped"),
+        "{refused:?}"
+    );
+    let locked = query(&[
+        "replay",
+        "--into",
+        "bf",
+        "--swap",
+        "--accept-differences",
+        s(&full),
+    ]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&locked.stdout),
+        String::from_utf8_lossy(&locked.stderr)
+    );
+    assert_eq!(locked.status.code(), Some(3), "{text}");
+    assert!(
+        text.contains("open for writing by another process"),
+        "{text}"
+    );
+    assert!(text.contains("the replay failed (exit code 3)"), "{text}");
+    // Nothing was swapped: the live run still has its own windows and runs on.
+    assert!(child.try_wait().unwrap().is_none());
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -137,6 +137,47 @@ pub enum What {
     },
     /// The pipeline's status (admin key).
     Status,
+    /// Every row as of one committed epoch, in the export format (admin key): the
+    /// same lines `tally export` prints. The epoch goes to stderr.
+    Snapshot {
+        /// Only this view's rows.
+        #[arg(long)]
+        view: Option<String>,
+    },
+    /// A backfill run by the server (admin key): `tally replay` with the server's
+    /// deployment. Prints what it prints; exits as it exits (0 done, 1 differences
+    /// and nothing swapped). Ctrl-C stops it; the same command resumes it.
+    Replay {
+        /// The shadow's name.
+        #[arg(long, default_value = "replay")]
+        into: String,
+        /// JSON Lines files or directories, as paths on the server's machine.
+        paths: Vec<String>,
+        /// A Kinesis stream to replay.
+        #[arg(long)]
+        kinesis: Option<String>,
+        /// trim_horizon, latest or an RFC 3339 instant.
+        #[arg(long, requires = "kinesis")]
+        kinesis_start: Option<String>,
+        /// The lake's compacted days: D or D1..D2.
+        #[arg(long, conflicts_with_all = ["paths", "kinesis", "since", "until"])]
+        from_archive: Option<String>,
+        /// Only windows starting at or after this (RFC 3339, Unix ms, now-DURATION).
+        #[arg(long)]
+        since: Option<String>,
+        /// ... and ending at or before this.
+        #[arg(long)]
+        until: Option<String>,
+        /// Only these providers' windows (repeatable).
+        #[arg(long = "provider")]
+        providers: Vec<String>,
+        /// Swap the shadow's windows in after verifying them.
+        #[arg(long)]
+        swap: bool,
+        /// Swap even where the shadow differs.
+        #[arg(long, requires = "swap")]
+        accept_differences: bool,
+    },
 }
 
 /// An instant: RFC 3339, Unix milliseconds, `now`, or `now-DURATION`.
@@ -521,6 +562,86 @@ async fn run(a: QueryArgs, key: MetadataValue<tonic::metadata::Ascii>) -> Result
                     );
                 }
             }
+        }
+        What::Snapshot { view } => {
+            let mut c = pb::admin_client::AdminClient::new(ch);
+            let mut s = c
+                .snapshot(authorized(
+                    pb::SnapshotRequest {
+                        view: view.clone().unwrap_or_default(),
+                    },
+                    &key,
+                ))
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            use std::io::Write;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let (mut epoch, mut rows) = (None, 0usize);
+            while let Some(chunk) = s.message().await.map_err(status_err)? {
+                epoch = Some(chunk.epoch);
+                for l in &chunk.lines {
+                    writeln!(out, "{l}")?;
+                }
+                rows += chunk.lines.len();
+            }
+            out.flush()?;
+            eprintln!(
+                "snapshot: {rows} rows as of epoch {}",
+                epoch.context("the server sent no snapshot")?
+            );
+        }
+        What::Replay {
+            into,
+            paths,
+            kinesis,
+            kinesis_start,
+            from_archive,
+            since,
+            until,
+            providers,
+            swap,
+            accept_differences,
+        } => {
+            let mut c = pb::admin_client::AdminClient::new(ch);
+            let r = pb::ReplayRequest {
+                into: into.clone(),
+                paths: paths.clone(),
+                kinesis_stream: kinesis.clone().unwrap_or_default(),
+                kinesis_start: kinesis_start.clone().unwrap_or_default(),
+                from_archive: from_archive.clone().unwrap_or_default(),
+                since: since.as_deref().map(instant).transpose()?,
+                until: until.as_deref().map(instant).transpose()?,
+                providers: providers.clone(),
+                swap: *swap,
+                accept_differences: *accept_differences,
+            };
+            let mut s = c
+                .replay(authorized(r, &key))
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            while let Some(p) = s.message().await.map_err(status_err)? {
+                if !p.line.is_empty() {
+                    println!("{}", p.line);
+                }
+                if let Some(d) = p.done {
+                    if !d.report.is_empty() {
+                        eprintln!(
+                            "replay: {} windows compared, {} identical, {} not sealed yet, {} past retention; report {}",
+                            d.compared, d.identical, d.unsealed, d.expired, d.report
+                        );
+                    }
+                    return match d.exit_code {
+                        0 => Ok(Exit::Ok),
+                        1 => Ok(Exit::Mismatch),
+                        n => {
+                            anyhow::bail!("the replay failed (exit code {n}): see the lines above")
+                        }
+                    };
+                }
+            }
+            anyhow::bail!("the server ended the replay's stream without saying how it ended");
         }
     }
     Ok(Exit::Ok)

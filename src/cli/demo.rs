@@ -84,6 +84,7 @@ pub fn demo(a: DemoArgs) -> Result<Exit> {
     let server = crate::query::Server::start(
         &crate::query::ServeConfig {
             history: None,
+            replay: None,
             addr: a.grpc_addr.clone(),
             keys: keys_path.clone(),
             tls: None,

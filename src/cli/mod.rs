@@ -343,6 +343,7 @@ impl GrpcArgs {
         };
         Ok(crate::query::ServeConfig {
             history: None,
+            replay: None,
             addr: addr.to_owned(),
             keys: self.keys.clone(),
             tls: self.tls_cert.clone().zip(self.tls_key.clone()),
@@ -387,7 +388,68 @@ pub struct StoreArgs {
     pub redis_changes_stream: Option<u64>,
 }
 
+/// How Admin.Replay runs `tally replay` against this run's deployment.
+fn replay_launcher(a: &RunArgs) -> Result<crate::query::admin::ReplayLauncher> {
+    let exe = std::env::current_exe().context("finding the tally executable for Admin.Replay")?;
+    let path = |p: &Path| p.display().to_string();
+    let mut args = vec!["--data-dir".to_owned(), path(&a.data_dir)];
+    if let Some(p) = &a.pipeline {
+        args.extend(["--pipeline".to_owned(), path(p)]);
+    }
+    if let Some(l) = &a.lake {
+        args.extend(["--lake".to_owned(), l.clone()]);
+    }
+    if a.no_archive {
+        args.push("--no-archive".into());
+    }
+    if let Some(w) = a.workers {
+        args.extend(["--workers".to_owned(), w.to_string()]);
+    }
+    args.extend(a.store.flags());
+    let mut kinesis_args = Vec::new();
+    if let Some(e) = &a.kinesis.kinesis_endpoint {
+        kinesis_args.extend(["--kinesis-endpoint".to_owned(), e.clone()]);
+    }
+    if let Some(r) = &a.kinesis.kinesis_region {
+        kinesis_args.extend(["--kinesis-region".to_owned(), r.clone()]);
+    }
+    Ok(crate::query::admin::ReplayLauncher {
+        exe,
+        args,
+        kinesis_args,
+        data_dir: a.data_dir.clone(),
+    })
+}
+
 impl StoreArgs {
+    /// These flags again, for a child process (credentials stay in the environment).
+    pub fn flags(&self) -> Vec<String> {
+        let Some(url) = &self.redis else {
+            return Vec::new();
+        };
+        let mut f = vec![
+            "--redis".to_owned(),
+            url.clone(),
+            "--redis-namespace".to_owned(),
+            self.redis_namespace.clone(),
+            "--redis-connect-timeout".to_owned(),
+            self.redis_connect_timeout.clone(),
+            "--redis-timeout".to_owned(),
+            self.redis_timeout.clone(),
+            "--redis-start-timeout".to_owned(),
+            self.redis_start_timeout.clone(),
+            "--redis-backoff-max".to_owned(),
+            self.redis_backoff_max.clone(),
+        ];
+        if self.redis_cluster {
+            f.push("--redis-cluster".into());
+        }
+        if let Some(ca) = &self.redis_ca {
+            f.extend(["--redis-ca".to_owned(), ca.display().to_string()]);
+        }
+        f
+    }
+
     /// The store these flags name; TTLs from the pipeline when given.
     pub fn config(&self, pipeline: Option<&Pipeline>) -> Result<StoreConfig> {
         let Some(url) = &self.redis else {
@@ -625,6 +687,7 @@ fn run(a: RunArgs) -> Result<Exit> {
     let mut feed: Option<Arc<dyn ingest::Feed>> = None;
     if let Some(addr) = &a.grpc.grpc_addr {
         let mut serve = a.grpc.config(addr)?;
+        serve.replay = Some(replay_launcher(&a)?);
         // Redis forgets windows past its retention: older ranges come from the lake.
         if matches!(store, StoreConfig::Redis(_)) && pipeline.archive.enabled {
             let lake = crate::archive::lake::Lake::open(&pipeline.archive.lake, &a.data_dir)?;

@@ -78,6 +78,10 @@ pub trait Feed: Send + Sync {
     fn committing(&self, _epoch: Epoch, _closed_at: Instant) {}
     /// The store stopped or started answering.
     fn store_up(&self, _up: bool) {}
+    /// The committer is between two commits (after a commit, and every 100 ms while
+    /// idle): `store` holds exactly the last committed epoch, and nothing commits
+    /// until this returns (Admin.Snapshot reads here).
+    fn between(&self, _store: &mut dyn Store) {}
     /// An epoch is committed; `dead` holds its dead letters: (source name, offset,
     /// reason code); `alerts` its events at or above their alert threshold that are
     /// not dead letters (a redelivery of an earlier one may be among them).
@@ -719,6 +723,8 @@ fn commit_loop(
                     }
                 }
             },
+            // Idle: a pass between commits all the same (see `Feed::between`).
+            default(Duration::from_millis(100)) => {}
         }
         while let Some(first) = pending.first_entry() {
             let ready = first.get().meta.is_some() && first.get().reported == workers;
@@ -756,6 +762,9 @@ fn commit_loop(
             record(&report);
             let _ = permits.try_recv();
             observe(&report);
+        }
+        if let Some(f) = &feed {
+            f.between(&mut *store);
         }
     }
     // Stage what is buffered, and compact the days closed by now.

@@ -50,6 +50,8 @@ impl WindowSize {
     pub fn label(self) -> String {
         match self {
             WindowSize::LocalDay => "1d".to_owned(),
+            WindowSize::Fixed(MINUTE) => "1m".to_owned(),
+            WindowSize::Fixed(HOUR) => "1h".to_owned(),
             WindowSize::Fixed(ms) if ms % HOUR == 0 => format!("{}h", ms / HOUR),
             WindowSize::Fixed(ms) => format!("{}m", ms / MINUTE),
         }

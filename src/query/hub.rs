@@ -100,7 +100,14 @@ pub struct Hub {
     publishers: Mutex<Vec<Arc<Mutex<Publisher>>>>,
     log: Mutex<Option<HistoryLog>>,
     log_dir: Option<PathBuf>,
+    /// Admin.Snapshot calls waiting for the committer's next pass between commits.
+    snapshots: Mutex<Vec<SnapshotReply>>,
 }
+
+/// What a snapshot read gives: the store's last commit and every row it holds (or the
+/// store's error, as text).
+pub type Snapshot = Result<(Meta, Vec<StoredRow>), String>;
+type SnapshotReply = tokio::sync::oneshot::Sender<Snapshot>;
 
 /// The history on disk: frames of `bincode((epoch, changes))`.
 struct HistoryLog {
@@ -194,7 +201,16 @@ impl Hub {
             publishers: Mutex::new(Vec::new()),
             log: Mutex::new(None),
             log_dir: dir,
+            snapshots: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Asks the committer for every row as of one committed epoch: answered at its
+    /// next pass between commits (within about 100 ms when idle).
+    pub fn snapshot(&self) -> tokio::sync::oneshot::Receiver<Snapshot> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.snapshots.lock().expect("lock").push(tx);
+        rx
     }
 
     /// Waits up to `limit` for the store to be open; false if it is not.
@@ -308,6 +324,20 @@ pub fn range(
 impl crate::ingest::Feed for Hub {
     fn wants_rows(&self) -> bool {
         self.indexed
+    }
+
+    fn between(&self, store: &mut dyn crate::store::Store) {
+        let waiting = std::mem::take(&mut *self.snapshots.lock().expect("lock"));
+        for reply in waiting {
+            if reply.is_closed() {
+                continue;
+            }
+            let read = store
+                .rows()
+                .map(|rows| (store.meta().clone(), rows))
+                .map_err(|e| e.to_string());
+            let _ = reply.send(read);
+        }
     }
 
     fn opened(&self, meta: &Meta, rows: Vec<StoredRow>) {

@@ -147,6 +147,8 @@ pub struct Api {
     pub closing: tokio::sync::watch::Receiver<bool>,
     /// The lake's rows, for ranges past the Redis retention.
     pub history: Option<Arc<crate::archive::history::History>>,
+    /// How Admin.Replay starts `tally replay` (served by `tally run` only).
+    pub replay: Option<admin::ReplayLauncher>,
 }
 
 /// How the server is set up.
@@ -160,6 +162,8 @@ pub struct ServeConfig {
     pub limits: Limits,
     /// With Redis: the lake, for ranges older than the retention (see `archive::history`).
     pub history: Option<Arc<crate::archive::history::History>>,
+    /// How Admin.Replay starts `tally replay`; `None`: Replay is refused.
+    pub replay: Option<admin::ReplayLauncher>,
 }
 
 /// A view of the pipeline by name, as the API names it.
@@ -523,6 +527,7 @@ impl Server {
             ingest,
             closing,
             history: cfg.history.clone(),
+            replay: cfg.replay.clone(),
         });
         let thread = std::thread::Builder::new()
             .name("tally-grpc".into())

@@ -71,6 +71,7 @@ impl Tally {
         let server = Server::start(
             &ServeConfig {
                 history: None,
+                replay: None,
                 addr: "127.0.0.1:0".into(),
                 keys: keys.to_owned(),
                 tls: None,
