@@ -9,6 +9,11 @@
 //!   that takes the response as bytes without decoding its rows. Prints QPS and p50/p99/p99.9 latency per
 //!   client count. With `--redis`, on a `redis-server` this harness starts (no
 //!   persistence; reads only), else on the embedded store.
+//! - `open [--redis] [--events N] [--seconds S] [--rates R1,R2] [--connections C]
+//!   [--raw]`: an open loop of ListWindows (as `load`; `--raw` without decoding the
+//!   rows) at each fixed rate for S seconds, over C HTTP/2 connections with any
+//!   number of calls in flight; latency from each call's scheduled start, so a
+//!   stall counts against every call it holds up.
 //! - `freshness [--redis] [--events N] [--rate R] [--epoch MS]`: a publisher sends N
 //!   events at R per second over Ingest.Publish while a Watch subscriber follows the
 //!   window they land in; each event's freshness is from its send to the first Watch
@@ -457,6 +462,152 @@ fn async_stream(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// One call of `call` on `ch`: a failed call (the server refusing under overload) is
+/// an error; a wrong answer panics.
+async fn call_once(ch: tonic::transport::Channel, key: &str, call: Call) -> Result<(), String> {
+    let list = pb::ListWindowsRequest {
+        view: "provider_window".into(),
+        window: "1m".into(),
+        filter: [("currency".to_owned(), "COP".to_owned())].into(),
+        from: Some(ts(START)),
+        to: Some(ts(START + 3_600_000)),
+        ..Default::default()
+    };
+    match call {
+        Call::ListWindows => {
+            let r = pb::query_client::QueryClient::new(ch)
+                .list_windows(req(list, key))
+                .await
+                .map_err(|e| e.code().to_string())?
+                .into_inner();
+            assert_eq!(r.rows.len(), 60, "one hour of minute windows");
+        }
+        Call::ListWindowsRaw => {
+            let mut raw = tonic::client::Grpc::new(ch);
+            raw.ready().await.map_err(|e| e.to_string())?;
+            let n = raw
+                .unary(
+                    req(list, key),
+                    http::uri::PathAndQuery::from_static("/tally.v1.Query/ListWindows"),
+                    RawCodec::<pb::ListWindowsRequest>(std::marker::PhantomData),
+                )
+                .await
+                .map_err(|e| e.code().to_string())?
+                .into_inner();
+            assert!(n > 60 * 40, "one hour of minute windows: {n} bytes");
+        }
+        Call::Summarize => unreachable!("open-loop runs ListWindows"),
+    }
+    Ok(())
+}
+
+/// Open loop: calls start at a fixed rate whatever the answers' latency (a pacer
+/// thread spawns each at its scheduled instant, round robin over `connections`
+/// HTTP/2 connections, any number in flight), and each latency runs from the
+/// scheduled instant to the answer, so a stall counts against every call it delays
+/// (no coordinated omission).
+fn open_loop(
+    redis: bool,
+    events: u64,
+    seconds: u64,
+    rates: &[u64],
+    connections: usize,
+    call: Call,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = serve(dir.path(), redis, events, None);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let channels: Vec<tonic::transport::Channel> = rt.block_on(async {
+        let mut v = Vec::new();
+        for _ in 0..connections {
+            let ch = tonic::transport::Endpoint::from_shared(s.addr.clone())
+                .unwrap()
+                .tcp_nodelay(true)
+                .connect()
+                .await
+                .unwrap();
+            v.push(ch);
+        }
+        v
+    });
+    // Warm up the connections and the server.
+    rt.block_on(async {
+        for ch in &channels {
+            for _ in 0..50 {
+                call_once(ch.clone(), &s.key, call).await.unwrap();
+            }
+        }
+    });
+    println!(
+        "store: {}, {events} events ingested, {connections} connections, open loop",
+        if redis { "redis" } else { "embedded" }
+    );
+    println!(
+        "{:<12} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7} {:>13}",
+        "rpc",
+        "asked qps",
+        "done qps",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "max ms",
+        "errors",
+        "pacer p99 ms"
+    );
+    for &rate in rates {
+        let (tx, rx) = std::sync::mpsc::channel::<Option<u64>>();
+        let interval = Duration::from_nanos(1_000_000_000 / rate);
+        let total = rate * seconds;
+        let start = Instant::now() + Duration::from_millis(10);
+        let handle = rt.handle().clone();
+        // How late the pacer started each call (part of its latency).
+        let mut late: Vec<u64> = Vec::with_capacity(total as usize);
+        for i in 0..total {
+            let at = start + interval * i as u32;
+            let now = Instant::now();
+            if at > now {
+                std::thread::sleep(at - now);
+            }
+            late.push(at.elapsed().as_micros() as u64);
+            let ch = channels[i as usize % connections].clone();
+            let (key, tx) = (s.key.clone(), tx.clone());
+            handle.spawn(async move {
+                let ok = call_once(ch, &key, call).await.is_ok();
+                let _ = tx.send(ok.then(|| at.elapsed().as_micros() as u64));
+            });
+        }
+        drop(tx);
+        let answers: Vec<Option<u64>> = rx.iter().collect();
+        let elapsed = start.elapsed().as_secs_f64();
+        assert_eq!(answers.len() as u64, total);
+        let mut lat: Vec<u64> = answers.iter().flatten().copied().collect();
+        let errors = answers.len() - lat.len();
+        lat.sort_unstable();
+        late.sort_unstable();
+        println!(
+            "{:<12} {rate:>10} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {errors:>7} {:>13.3}",
+            match call {
+                Call::ListWindows => "ListWindows",
+                Call::ListWindowsRaw => "ListWin.raw",
+                Call::Summarize => "Summarize",
+            },
+            lat.len() as f64 / elapsed,
+            pct(&lat, 0.50),
+            pct(&lat, 0.99),
+            pct(&lat, 0.999),
+            lat.last().map_or(f64::NAN, |m| *m as f64 / 1000.0),
+            pct(&late, 0.99)
+        );
+        if errors > 0 {
+            break;
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -484,6 +635,22 @@ fn main() {
                 &clients,
             );
         }
+        Some("open") => open_loop(
+            redis,
+            value("--events").map_or(200_000, |v| v.parse().unwrap()),
+            value("--seconds").map_or(5, |v| v.parse().unwrap()),
+            &value("--rates")
+                .unwrap_or_else(|| "1000,2000,5000,10000".into())
+                .split(',')
+                .map(|r| r.parse().unwrap())
+                .collect::<Vec<u64>>(),
+            value("--connections").map_or(4, |v| v.parse().unwrap()),
+            if flag("--raw") {
+                Call::ListWindowsRaw
+            } else {
+                Call::ListWindows
+            },
+        ),
         Some("freshness") => freshness(
             redis,
             value("--events").map_or(2000, |v| v.parse().unwrap()),
@@ -491,7 +658,7 @@ fn main() {
             value("--epoch").map(|v| Duration::from_millis(v.parse().unwrap())),
         ),
         _ => {
-            eprintln!("usage: query (load|freshness) [--redis] [--events N] [--seconds S] [--clients 1,16,64] [--rate R] [--epoch MS]");
+            eprintln!("usage: query (load|open|freshness) [--redis] [--events N] [--seconds S] [--clients 1,16,64] [--rates 1000,10000] [--connections C] [--raw] [--rate R] [--epoch MS]");
             std::process::exit(2);
         }
     }

@@ -3,8 +3,9 @@
 //! never got is swapped into its sealed windows (refused while the embedded run is
 //! running), and the run goes on from there; on Redis the swap (asked of the live
 //! server over Admin.Replay) happens beside the running live writer while a query
-//! loop sees the old windows or the new ones, never a mix; a store rebuilt from the
-//! lake's compacted days verifies against the live one.
+//! loop sees the old windows or the new ones, never a mix; on a Redis Cluster the
+//! swap goes provider by provider and verifies identical after; a store rebuilt from
+//! the lake's compacted days verifies against the live one.
 
 mod common;
 
@@ -711,8 +712,96 @@ fn admin_replay_runs_one_replay_at_a_time_and_reports_how_it_ended() {
         "{text}"
     );
     assert!(text.contains("the replay failed (exit code 3)"), "{text}");
+    // A caller that goes away stops the replay it asked for: the server is free for
+    // the next one at once, and that one resumes the shadow where it stopped.
+    let shadow = live.join("replay").join("cancelled");
+    let mut cancelled = tally()
+        .args([
+            "query",
+            "--addr",
+            &addr,
+            "replay",
+            "--into",
+            "cancelled",
+            s(&full),
+        ])
+        .env("TALLY_API_KEY", &admin)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    common::wait_for(
+        "the cancelled replay's first commit",
+        Duration::from_secs(60),
+        || shadow.join("store").exists() && epoch_of(&shadow) >= 1,
+    );
+    cancelled.kill().unwrap();
+    let _ = cancelled.wait();
+    let stopped_at = epoch_of(&shadow);
+    let resumed = {
+        let mut again = None;
+        common::wait_for(
+            "the server taking the next replay",
+            Duration::from_secs(20),
+            || {
+                let out = query(&["replay", "--into", "cancelled", s(&full)]);
+                let busy = String::from_utf8_lossy(&out.stderr).contains("already running");
+                if !busy {
+                    again = Some(out);
+                }
+                !busy
+            },
+        );
+        again.unwrap()
+    };
+    let text = String::from_utf8_lossy(&resumed.stdout);
+    assert!(resumed.status.success(), "{resumed:?}");
+    assert!(
+        stopped_at < epoch_of(&shadow),
+        "it went on from epoch {stopped_at}"
+    );
+    assert_eq!(verified(&text), (compared, identical, differ), "{text}");
     // Nothing was swapped: the live run still has its own windows and runs on.
     assert!(child.try_wait().unwrap().is_none());
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[test]
+fn on_a_redis_cluster_a_swap_is_one_script_per_provider_and_then_verifies_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let (full, pipe, live) = (generate(d), pipeline(d), d.join("live"));
+    let partial = d.join("partial.jsonl");
+    lossy(&full, &partial);
+    let cluster = common::redis::RedisCluster::start();
+    let urls = cluster.urls();
+    let store = [
+        "--redis",
+        urls.as_str(),
+        "--redis-cluster",
+        "--redis-namespace",
+        "live",
+    ];
+    let mut run = vec!["run", s(&partial), "--until-eof", "--no-archive"];
+    run.extend(["--pipeline", s(&pipe), "--data-dir", s(&live)]);
+    run.extend(store);
+    common::ok(&run);
+    let mut args = vec!["--pipeline", s(&pipe), "--data-dir", s(&live)];
+    args.extend(store);
+    args.extend(["--into", "shadow", "--no-archive"]);
+    args.extend(["--since", "2026-11-16", "--until", "2026-11-17"]);
+    args.extend(["--swap", "--accept-differences", s(&full)]);
+    let out = replay_ok(&args);
+    assert!(
+        out.contains("window(s) of the live store replaced"),
+        "{out}"
+    );
+    let (compared, _, differ) = verified(&out);
+    assert!(compared >= 20 && differ > 0, "{out}");
+    // Compared again, the live store holds the shadow's windows: a second swap has
+    // nothing to change.
+    let again = replay_ok(&args);
+    assert_eq!(verified(&again), (compared, compared, 0), "{again}");
+    assert!(again.contains("swap: nothing to change"), "{again}");
 }

@@ -291,15 +291,27 @@ impl Admin for AdminService {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
             let _running = running;
-            while let Some(line) = lines.recv().await {
-                let msg = pb::ReplayProgress { line, done: None };
-                if tx.send(Ok(msg)).await.is_err() {
-                    // The caller went away: stop the replay (it resumes when asked again).
-                    tracing::info!("Admin.Replay: the caller cancelled; stopping the replay");
-                    let _ = child.start_kill();
-                    let _ = child.wait().await;
-                    return;
+            // The caller going away (cancelled, or its connection lost) stops the
+            // replay, also while it prints nothing; asked again, it resumes.
+            let cancelled = loop {
+                tokio::select! {
+                    line = lines.recv() => match line {
+                        Some(line) => {
+                            let msg = pb::ReplayProgress { line, done: None };
+                            if tx.send(Ok(msg)).await.is_err() {
+                                break true;
+                            }
+                        }
+                        None => break false,
+                    },
+                    () = tx.closed() => break true,
                 }
+            };
+            if cancelled {
+                tracing::info!("Admin.Replay: the caller went away; stopping the replay");
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return;
             }
             let code = match child.wait().await {
                 Ok(s) => s.code().unwrap_or(3),

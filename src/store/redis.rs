@@ -170,8 +170,9 @@ fn redact(url: &str) -> String {
 }
 
 /// Applies one group of changes, fenced. See the module docs; `mode` is `strict`
-/// (refuse unless newer), `redo` (skip if already applied) or `intent` (check like
-/// `strict`, but leave the fence as it is). KEYS[1] is the fence; ARGV is mode,
+/// (refuse unless newer), `redo` (skip if already applied), `intent` (check like
+/// `strict`, but leave the fence as it is) or `patch` (a swap's writes beside the
+/// writer: neither check nor move the fence). KEYS[1] is the fence; ARGV is mode,
 /// generation, epoch, meta JSON (or empty), then ops naming keys by KEYS index:
 /// - `J idx ttl_ms trim_below prefix n s1..sn`: adds window starts to an index,
 ///   trims it (deleting the trimmed windows' keys, `prefix..start`, in the same
@@ -182,13 +183,15 @@ fn redact(url: &str) -> String {
 /// - `A k maxlen epoch rows`: appends an epoch's changes to a provider's stream;
 /// - `S k ttl_ms n m1..mn`: adds to a set; `D k`: deletes; `P k value`: sets a string.
 const APPLY: &str = r#"
-local g = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
-local e = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
 local mode, mg, me = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-if mg < g then return redis.error_reply('STALE ' .. e .. ' ' .. g) end
-if me <= e then
-  if mode == 'redo' then return 0 end
-  return redis.error_reply('STALE ' .. e .. ' ' .. g)
+if mode ~= 'patch' then
+  local g = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0')
+  local e = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
+  if mg < g then return redis.error_reply('STALE ' .. e .. ' ' .. g) end
+  if me <= e then
+    if mode == 'redo' then return 0 end
+    return redis.error_reply('STALE ' .. e .. ' ' .. g)
+  end
 end
 local i = 5
 local n = #ARGV
@@ -250,7 +253,7 @@ while i <= n do
     return redis.error_reply('BADOP ' .. op)
   end
 end
-if mode ~= 'intent' then
+if mode ~= 'intent' and mode ~= 'patch' then
   redis.call('HSET', KEYS[1], 'gen', mg, 'epoch', me)
   if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'meta', ARGV[4]) end
 end
@@ -1077,11 +1080,7 @@ impl RedisStore {
     /// Cluster, where one transaction cannot span providers.
     pub fn patch(&mut self, changes: &[RowUpdate]) -> Result<(), StoreError> {
         if self.cfg.cluster {
-            return Err(StoreError::Config(
-                "a swap into a Redis Cluster is not supported: one transaction cannot span \
-                 the providers' slots; point the readers at the shadow namespace instead"
-                    .into(),
-            ));
+            return self.patch_cluster(changes);
         }
         let changes: Vec<&RowUpdate> = changes.iter().collect();
         let plan = self.plan(Millis::MIN, &changes);
@@ -1100,6 +1099,37 @@ impl RedisStore {
         );
         self.with(|con| tx.query::<()>(con))?;
         self.unindex_emptied(&plan)
+    }
+
+    /// A Cluster has no transaction across slots: one script per provider (whose keys
+    /// share its hash tag), so each provider's windows change at once, which is what
+    /// one provider's reads can see; then the providers set. Like `patch` on one
+    /// server, it leaves every fence alone (mode `patch`).
+    fn patch_cluster(&mut self, changes: &[RowUpdate]) -> Result<(), StoreError> {
+        let epoch = self.meta.epoch;
+        let mut groups: BTreeMap<&str, Vec<&RowUpdate>> = BTreeMap::new();
+        for u in changes {
+            groups.entry(u.key.group[0].as_str()).or_default().push(u);
+        }
+        for (p, changes) in &groups {
+            let (mut keys, mut ops) = (Vec::new(), Vec::new());
+            self.lua_ops(epoch, self.plan(Millis::MIN, changes), &mut keys, &mut ops);
+            let fence = format!("{}fence", self.keys.provider(p));
+            self.apply(&fence, "patch", epoch, "", &keys, &ops)?;
+        }
+        if !groups.is_empty() {
+            let meta_key = self.keys.meta();
+            let keys = vec![self.keys.providers()];
+            let mut ops = vec![
+                Arg::S("S".into()),
+                Arg::I(2),
+                Arg::S(String::new()),
+                Arg::I(groups.len() as i64),
+            ];
+            ops.extend(groups.keys().map(|p| Arg::S((*p).to_owned())));
+            self.apply(&meta_key, "patch", epoch, "", &keys, &ops)?;
+        }
+        Ok(())
     }
 
     /// Windows whose last row went leave their index (a dangling start would only be
