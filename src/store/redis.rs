@@ -1076,8 +1076,8 @@ impl RedisStore {
     /// Writes rows into the namespace beside its writer, without taking it over: one
     /// MULTI/EXEC on one server, so a reader sees all of them or none. Meant for
     /// windows the writer has sealed (a backfill's swap, see [`super::swap`]): the
-    /// writer never writes those again, and its fencing is untouched. Not on a
-    /// Cluster, where one transaction cannot span providers.
+    /// writer never writes those again, and its fencing is untouched. On a Cluster,
+    /// where one transaction cannot span providers, one script per provider.
     pub fn patch(&mut self, changes: &[RowUpdate]) -> Result<(), StoreError> {
         if self.cfg.cluster {
             return self.patch_cluster(changes);
