@@ -244,6 +244,18 @@ impl tonic::codec::Decoder for RawDecoder {
     }
 }
 
+/// One hour of claro's COP minute windows: 60 rows.
+fn list_request() -> pb::ListWindowsRequest {
+    pb::ListWindowsRequest {
+        view: "provider_window".into(),
+        window: "1m".into(),
+        filter: [("currency".to_owned(), "COP".to_owned())].into(),
+        from: Some(ts(START)),
+        to: Some(ts(START + 3_600_000)),
+        ..Default::default()
+    }
+}
+
 async fn client(addr: String, key: String, call: Call, until: Instant) -> Vec<u64> {
     let ch = tonic::transport::Endpoint::from_shared(addr)
         .unwrap()
@@ -252,14 +264,7 @@ async fn client(addr: String, key: String, call: Call, until: Instant) -> Vec<u6
         .unwrap();
     let mut raw = tonic::client::Grpc::new(ch.clone());
     let mut q = pb::query_client::QueryClient::new(ch);
-    let list = pb::ListWindowsRequest {
-        view: "provider_window".into(),
-        window: "1m".into(),
-        filter: [("currency".to_owned(), "COP".to_owned())].into(),
-        from: Some(ts(START)),
-        to: Some(ts(START + 3_600_000)),
-        ..Default::default()
-    };
+    let list = list_request();
     let summarize = pb::SummarizeRequest {
         view: "provider_window".into(),
         filter: [("currency".to_owned(), "COP".to_owned())].into(),
@@ -465,14 +470,7 @@ fn async_stream(
 /// One call of `call` on `ch`: a failed call (the server refusing under overload) is
 /// an error; a wrong answer panics.
 async fn call_once(ch: tonic::transport::Channel, key: &str, call: Call) -> Result<(), String> {
-    let list = pb::ListWindowsRequest {
-        view: "provider_window".into(),
-        window: "1m".into(),
-        filter: [("currency".to_owned(), "COP".to_owned())].into(),
-        from: Some(ts(START)),
-        to: Some(ts(START + 3_600_000)),
-        ..Default::default()
-    };
+    let list = list_request();
     match call {
         Call::ListWindows => {
             let r = pb::query_client::QueryClient::new(ch)

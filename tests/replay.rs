@@ -120,6 +120,54 @@ fn export(args: &[&str]) -> String {
     String::from_utf8(common::ok(&a).stdout).unwrap()
 }
 
+/// `tally query --addr ADDR --json ARGS` with `key`.
+fn ask_as(addr: &str, key: &str, args: &[&str]) -> Output {
+    tally()
+        .args(["query", "--addr", addr, "--json"])
+        .args(args)
+        .env("TALLY_API_KEY", key)
+        .output()
+        .unwrap()
+}
+
+/// A live `tally run INPUT --follow --no-archive` serving gRPC with `keys` on the
+/// store `store` names (nothing: embedded), once it has committed all of `input`:
+/// the process, the server's address and the input's line count.
+fn serve_live(
+    input: &Path,
+    pipe: &Path,
+    live: &Path,
+    keys: &Path,
+    admin: &str,
+    store: &[&str],
+) -> (std::process::Child, String, u64) {
+    let port = common::redis::free_port();
+    let child = tally()
+        .args(["run", s(input), "--follow", "--no-archive"])
+        .args(["--pipeline", s(pipe), "--data-dir", s(live)])
+        .args(store)
+        .args([
+            "--keys",
+            s(keys),
+            "--grpc-addr",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .spawn()
+        .unwrap();
+    let addr = format!("http://127.0.0.1:{port}");
+    let lines = std::fs::read_to_string(input).unwrap().lines().count() as u64;
+    common::wait_for(
+        "the live run committed its input",
+        Duration::from_secs(120),
+        || {
+            let out = ask_as(&addr, admin, &["status"]);
+            out.status.success()
+                && serde_json::from_slice::<Value>(&out.stdout).unwrap()["records"] == lines
+        },
+    );
+    (child, addr, lines)
+}
+
 fn epoch_of(data: &Path) -> u64 {
     let s = tally::store::embedded::EmbeddedStore::open_reader(data).unwrap();
     tally::store::Store::meta(&s).epoch
@@ -298,54 +346,13 @@ fn on_redis_a_swap_beside_the_running_live_writer_is_seen_whole_by_a_query_loop(
     };
     let (reader, admin) = (key(&["--provider", &provider]), key(&["--admin"]));
     let redis = common::redis::RedisServer::start();
-    let port = common::redis::free_port();
-    let mut child = tally()
-        .args([
-            "run",
-            s(&partial),
-            "--follow",
-            "--no-archive",
-            "--pipeline",
-            s(&pipe),
-        ])
-        .args([
-            "--data-dir",
-            s(&live),
-            "--redis",
-            &redis.url(),
-            "--redis-namespace",
-            "live",
-        ])
-        .args([
-            "--keys",
-            s(&keys),
-            "--grpc-addr",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .spawn()
-        .unwrap();
-    let addr = format!("http://127.0.0.1:{port}");
+    let url = redis.url();
+    let redis_flags = ["--redis", url.as_str(), "--redis-namespace", "live"];
+    let (mut child, addr, lines) = serve_live(&partial, &pipe, &live, &keys, &admin, &redis_flags);
     let query = {
         let addr = addr.clone();
-        move |key: &str, args: &[&str]| {
-            tally()
-                .args(["query", "--addr", &addr, "--json"])
-                .args(args)
-                .env("TALLY_API_KEY", key)
-                .output()
-                .unwrap()
-        }
+        move |key: &str, args: &[&str]| ask_as(&addr, key, args)
     };
-    let lines = std::fs::read_to_string(&partial).unwrap().lines().count() as u64;
-    common::wait_for(
-        "the live run committed its input",
-        Duration::from_secs(120),
-        || {
-            let out = query(&admin, &["status"]);
-            out.status.success()
-                && serde_json::from_slice::<Value>(&out.stdout).unwrap()["records"] == lines
-        },
-    );
     // The provider's hours of the first day, as the query loop asks for them.
     let hours = [
         "windows",
@@ -622,37 +629,8 @@ fn admin_replay_runs_one_replay_at_a_time_and_reports_how_it_ended() {
             .unwrap()
             .trim()
             .to_owned();
-    let port = common::redis::free_port();
-    let mut child = tally()
-        .args(["run", s(&partial), "--follow", "--no-archive"])
-        .args(["--pipeline", s(&pipe), "--data-dir", s(&live)])
-        .args([
-            "--keys",
-            s(&keys),
-            "--grpc-addr",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .spawn()
-        .unwrap();
-    let addr = format!("http://127.0.0.1:{port}");
-    let query = |args: &[&str]| {
-        tally()
-            .args(["query", "--addr", &addr, "--json"])
-            .args(args)
-            .env("TALLY_API_KEY", &admin)
-            .output()
-            .unwrap()
-    };
-    let lines = std::fs::read_to_string(&partial).unwrap().lines().count() as u64;
-    common::wait_for(
-        "the live run committed its input",
-        Duration::from_secs(120),
-        || {
-            let out = query(&["status"]);
-            out.status.success()
-                && serde_json::from_slice::<Value>(&out.stdout).unwrap()["records"] == lines
-        },
-    );
+    let (mut child, addr, _) = serve_live(&partial, &pipe, &live, &keys, &admin, &[]);
+    let query = |args: &[&str]| ask_as(&addr, &admin, args);
     // A second replay while one runs is refused.
     let slow = tally()
         .args(["query", "--addr", &addr, "replay", "--into", "bf", s(&full)])
