@@ -256,68 +256,36 @@ fn list_request() -> pb::ListWindowsRequest {
     }
 }
 
+/// Closed loop: one call at a time on its own connection until `until`; the
+/// latencies in microseconds.
 async fn client(addr: String, key: String, call: Call, until: Instant) -> Vec<u64> {
     let ch = tonic::transport::Endpoint::from_shared(addr)
         .unwrap()
         .connect()
         .await
         .unwrap();
-    let mut raw = tonic::client::Grpc::new(ch.clone());
-    let mut q = pb::query_client::QueryClient::new(ch);
-    let list = list_request();
-    let summarize = pb::SummarizeRequest {
-        view: "provider_window".into(),
-        filter: [("currency".to_owned(), "COP".to_owned())].into(),
-        from: Some(ts(START + 17 * 60_000)),
-        to: Some(ts(START + 3 * 3_600_000 + 12 * 60_000)),
-    };
     let mut lat = Vec::new();
     while Instant::now() < until {
         let t = Instant::now();
-        match call {
-            Call::ListWindows => {
-                let r = q
-                    .list_windows(req(list.clone(), &key))
-                    .await
-                    .unwrap()
-                    .into_inner();
-                assert_eq!(r.rows.len(), 60, "one hour of minute windows");
-            }
-            Call::ListWindowsRaw => {
-                raw.ready().await.unwrap();
-                let n = raw
-                    .unary(
-                        req(list.clone(), &key),
-                        http::uri::PathAndQuery::from_static("/tally.v1.Query/ListWindows"),
-                        RawCodec::<pb::ListWindowsRequest>(std::marker::PhantomData),
-                    )
-                    .await
-                    .unwrap()
-                    .into_inner();
-                assert!(n > 60 * 40, "one hour of minute windows: {n} bytes");
-            }
-            Call::Summarize => {
-                let r = q
-                    .summarize(req(summarize.clone(), &key))
-                    .await
-                    .unwrap()
-                    .into_inner();
-                assert!(!r.summaries.is_empty());
-            }
-        }
+        call_once(ch.clone(), &key, call).await.unwrap();
         lat.push(t.elapsed().as_micros() as u64);
     }
     lat
 }
 
-fn load(redis: bool, events: u64, seconds: u64, clients: &[usize]) {
-    let dir = tempfile::tempdir().unwrap();
-    let s = serve(dir.path(), redis, events, None);
-    let rt = tokio::runtime::Builder::new_multi_thread()
+/// The load generator's runtime: two threads, as many as the machine's cores.
+fn client_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+fn load(redis: bool, events: u64, seconds: u64, clients: &[usize]) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = serve(dir.path(), redis, events, None);
+    let rt = client_runtime();
     println!(
         "store: {}, {events} events ingested",
         if redis { "redis" } else { "embedded" }
@@ -494,7 +462,20 @@ async fn call_once(ch: tonic::transport::Channel, key: &str, call: Call) -> Resu
                 .into_inner();
             assert!(n > 60 * 40, "one hour of minute windows: {n} bytes");
         }
-        Call::Summarize => unreachable!("open-loop runs ListWindows"),
+        Call::Summarize => {
+            let summarize = pb::SummarizeRequest {
+                view: "provider_window".into(),
+                filter: [("currency".to_owned(), "COP".to_owned())].into(),
+                from: Some(ts(START + 17 * 60_000)),
+                to: Some(ts(START + 3 * 3_600_000 + 12 * 60_000)),
+            };
+            let r = pb::query_client::QueryClient::new(ch)
+                .summarize(req(summarize, key))
+                .await
+                .map_err(|e| e.code().to_string())?
+                .into_inner();
+            assert!(!r.summaries.is_empty());
+        }
     }
     Ok(())
 }
@@ -514,11 +495,7 @@ fn open_loop(
 ) {
     let dir = tempfile::tempdir().unwrap();
     let s = serve(dir.path(), redis, events, None);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = client_runtime();
     let channels: Vec<tonic::transport::Channel> = rt.block_on(async {
         let mut v = Vec::new();
         for _ in 0..connections {

@@ -168,6 +168,20 @@ fn serve_live(
     (child, addr, lines)
 }
 
+/// `tally compact --date DATE` of `data`'s lake, which must verify.
+fn compact(pipe: &Path, data: &Path, date: &str) {
+    common::ok(&[
+        "compact",
+        "--quiet",
+        "--pipeline",
+        s(pipe),
+        "--date",
+        date,
+        "--data-dir",
+        s(data),
+    ]);
+}
+
 fn epoch_of(data: &Path) -> u64 {
     let s = tally::store::embedded::EmbeddedStore::open_reader(data).unwrap();
     tally::store::Store::meta(&s).epoch
@@ -549,16 +563,7 @@ fn a_swap_restages_the_backfilled_days_and_republishes_them_in_the_lake() {
     let dates = ["2026-11-15", "2026-11-16"];
     for date in dates {
         for data in [&live, &reference] {
-            common::ok(&[
-                "compact",
-                "--quiet",
-                "--pipeline",
-                s(&pipe),
-                "--date",
-                date,
-                "--data-dir",
-                s(data),
-            ]);
+            compact(&pipe, data, date);
         }
     }
     let manifest = |data: &Path, date: &str| -> Value {
@@ -603,16 +608,7 @@ fn a_swap_restages_the_backfilled_days_and_republishes_them_in_the_lake() {
     }
     // And a compaction of the whole day agrees with the store.
     for date in dates {
-        common::ok(&[
-            "compact",
-            "--quiet",
-            "--pipeline",
-            s(&pipe),
-            "--date",
-            date,
-            "--data-dir",
-            s(&live),
-        ]);
+        compact(&pipe, &live, date);
     }
 }
 

@@ -199,23 +199,18 @@ impl Admin for AdminService {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             let text = String::from_utf8(text).expect("export lines are UTF-8");
-            let lines: Vec<String> = text.lines().map(str::to_owned).collect();
-            for chunk in lines.chunks(SNAPSHOT_CHUNK) {
+            let mut lines = text.lines().map(str::to_owned).peekable();
+            // At least one message, so an empty store still tells its epoch.
+            let mut first = true;
+            while first || lines.peek().is_some() {
+                first = false;
                 let msg = pb::SnapshotChunk {
                     epoch,
-                    lines: chunk.to_vec(),
+                    lines: lines.by_ref().take(SNAPSHOT_CHUNK).collect(),
                 };
                 if tx.send(Ok(msg)).await.is_err() {
                     return;
                 }
-            }
-            if lines.is_empty() {
-                let _ = tx
-                    .send(Ok(pb::SnapshotChunk {
-                        epoch,
-                        lines: Vec::new(),
-                    }))
-                    .await;
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
