@@ -5,67 +5,13 @@
 
 mod common;
 
+use common::cluster::{finish, hosts_file, spawn_process, stderr};
 use common::redis::free_port;
 use common::{gen_to, run_until_eof, tally, wait_for};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
+use std::time::Duration;
 use tonic_health::pb::health_check_response::ServingStatus;
-
-/// A hosts file of `n` free loopback ports.
-fn hosts_file(dir: &Path, n: usize) -> std::path::PathBuf {
-    let path = dir.join("hosts");
-    let lines: Vec<String> = (0..n)
-        .map(|_| format!("127.0.0.1:{}", free_port()))
-        .collect();
-    std::fs::write(&path, format!("# test cluster\n{}\n", lines.join("\n"))).unwrap();
-    path
-}
-
-/// `tally run --processes N --process I --hosts H --workers W` plus `extra`.
-fn spawn_process(hosts: &Path, n: usize, i: usize, workers: usize, extra: &[&str]) -> Child {
-    tally()
-        .args([
-            "run",
-            "--processes",
-            &n.to_string(),
-            "--process",
-            &i.to_string(),
-        ])
-        .args(["--hosts", hosts.to_str().unwrap()])
-        .args([
-            "--workers",
-            &workers.to_string(),
-            "--cluster-timeout",
-            "60s",
-        ])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("tally starts")
-}
-
-/// Waits (bounded) for a process to exit and returns its output.
-fn finish(child: Child, what: &str, limit: Duration) -> Output {
-    let pid = child.id();
-    let start = Instant::now();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(out) => out.expect("wait"),
-        Err(_) => {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            panic!("{what} did not exit within {:?}", start.elapsed());
-        }
-    }
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 /// Dead letters without their epoch (epochs are cut by time, so they may differ).
 fn dead_letters(data: &Path) -> Vec<String> {

@@ -4,15 +4,17 @@
 //! variable every test here prints, loudly, that it did NOT run, and passes having
 //! checked nothing; README "Fluvio" says how to run them against a local cluster.
 //!
-//! The merge of partitions by event time, resume from committed positions and
-//! backoff are shared with the Kinesis source (`source::merge`), which
-//! `tests/kinesis.rs` checks against kinesalite on every run.
+//! The source conformance suite (`common::conformance`: positions and resume,
+//! reconnect, scale-out over a cluster) runs here against that cluster, and on
+//! every run against kinesalite in `tests/kinesis.rs`. The merge of partitions by
+//! event time and the backoff are shared with the Kinesis source
+//! (`source::merge`).
 
 mod common;
 
+use common::conformance::{self, Broker};
 use common::tally;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 /// The cluster, or `None` after saying loudly that the test does not run.
@@ -71,97 +73,77 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-fn outcome(data: &Path) -> String {
-    String::from_utf8(common::ok(&["export", "--data-dir", s(data)]).stdout).unwrap()
+/// The cluster at `FLUVIO_SC_ADDR` as the conformance suite's broker. The suite's
+/// network cut goes through a proxy in front of the SC only: the SC hands the
+/// consumer its SPUs' own addresses, so the cut breaks the SC connection and not
+/// the SPU's stream.
+struct Fluvio {
+    addr: String,
 }
 
-fn meta(data: &Path) -> tally::store::Meta {
-    let st = tally::store::embedded::EmbeddedStore::open_reader(data).unwrap();
-    tally::store::Store::meta(&st).clone()
+impl Broker for Fluvio {
+    fn create(&self, test: &str, partitions: u32) -> String {
+        topic(&self.addr, test, partitions)
+    }
+    fn publish(&self, name: &str, file: &Path) {
+        let lines = conformance::line_count(file);
+        let out = common::ok(&[
+            "publish",
+            s(file),
+            "--to",
+            "fluvio",
+            "--topic",
+            name,
+            "--fluvio-endpoint",
+            &self.addr,
+            "--quiet",
+        ]);
+        assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("{lines} records sent")));
+    }
+    fn addr(&self) -> String {
+        self.addr.clone()
+    }
+    fn read_args(&self, name: &str, addr: &str) -> Vec<String> {
+        ["--fluvio", name, "--fluvio-endpoint", addr]
+            .map(String::from)
+            .to_vec()
+    }
+    fn env(&self) -> Vec<(&'static str, &'static str)> {
+        Vec::new()
+    }
+    fn partition_prefix(&self, name: &str) -> String {
+        format!("fluvio:{name}/")
+    }
 }
 
+/// The conformance suite's positions and resume on a 2-partition topic.
 #[test]
 fn a_topic_gives_the_files_export_across_a_kill_resuming_at_offsets() {
     let Some(addr) = cluster("a_topic_gives_the_files_export_across_a_kill_resuming_at_offsets")
     else {
         return;
     };
-    let t = topic(&addr, "kill", 2);
-    let tmp = tempfile::tempdir().unwrap();
-    let events = tmp.path().join("events.jsonl");
-    common::gen_to(
-        &events,
-        &["--events", "30000", "--seed", "7", "--bad-rate", "0.01"],
-    );
-    let lines = std::fs::read_to_string(&events).unwrap().lines().count() as u64;
-    let out = common::ok(&[
-        "publish",
-        s(&events),
-        "--to",
-        "fluvio",
-        "--topic",
-        &t,
-        "--fluvio-endpoint",
-        &addr,
-        "--quiet",
-    ]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("{lines} records sent")));
-    let file_run = tmp.path().join("file-run");
-    common::run_until_eof(&events, &file_run, Some(1), None, None);
-    let want = outcome(&file_run);
+    conformance::resumes_exactly_across_a_kill(&Fluvio { addr });
+}
 
-    let data = tmp.path().join("d");
-    let run = |extra: &[&str]| {
-        let mut c = tally();
-        c.args([
-            "run",
-            "--fluvio",
-            &t,
-            "--fluvio-endpoint",
-            &addr,
-            "--data-dir",
-            s(&data),
-        ])
-        .args(extra);
-        c
+/// The conformance suite's network cut (of the SC connection).
+#[test]
+fn a_topic_is_read_exactly_across_a_network_cut() {
+    let Some(addr) = cluster("a_topic_is_read_exactly_across_a_network_cut") else {
+        return;
     };
-    let mut child = run(&["--until-eof", "--workers", "2"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    common::wait_for("a first commit", Duration::from_secs(120), || {
-        data.join("store").is_dir() && meta(&data).counters.records > 0
-    });
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(
-        meta(&data).counters.records < lines,
-        "the kill landed mid-run"
-    );
+    conformance::reconnects_after_a_network_cut(&Fluvio { addr });
+}
 
-    let done = run(&["--until-eof", "--workers", "1"]).output().unwrap();
-    assert!(
-        done.status.success(),
-        "{}",
-        String::from_utf8_lossy(&done.stderr)
-    );
-    assert_eq!(outcome(&data), want);
-    let m = meta(&data);
-    assert_eq!(m.counters.records, lines, "every record committed once");
-    let offsets: u64 = (0..2)
-        .map(|p| m.positions[&format!("fluvio:{t}/{p}")])
-        .sum();
-    assert_eq!(
-        offsets, lines,
-        "the partitions' next offsets add up to the records"
-    );
-
-    // Nothing new: another run commits nothing.
-    let again = run(&["--until-eof"]).output().unwrap();
-    assert!(again.status.success());
-    assert_eq!(meta(&data).counters.records, lines);
-    assert_eq!(outcome(&data), want);
+/// The conformance suite's scale-out: a 4-partition topic over 2 processes.
+#[test]
+fn a_cluster_reads_the_partitions_on_every_process_and_exports_the_file() {
+    let Some(addr) =
+        cluster("a_cluster_reads_the_partitions_on_every_process_and_exports_the_file")
+    else {
+        return;
+    };
+    conformance::spreads_over_a_cluster(&Fluvio { addr });
 }
 
 /// `run --fluvio TOPIC` against `addr` until the end, in a scratch directory.

@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::conformance::{self, assert_same, line_count, meta, outcome, Broker};
 use common::kinesis::{Kinesalite, ENV};
 use common::{gen_to, tally};
 use std::collections::BTreeMap;
@@ -24,11 +25,12 @@ fn rt() -> tokio::runtime::Runtime {
 /// without one), and each provider's records share one shard.
 #[test]
 fn publish_puts_every_line_once_keyed_by_provider() {
-    let (k, rt, _tmp, events) = two_shards(
+    let (b, _tmp, events) = two_shards(
         &[],
         "events.jsonl",
         &["--events", "3000", "--bad-rate", "0.02"],
     );
+    let (k, rt) = (&b.k, &b.rt);
     let out = tally()
         .args(["publish", events.to_str().unwrap(), "--to", "kinesis"])
         .args(["--stream", "sales", "--endpoint", &k.endpoint()])
@@ -104,63 +106,18 @@ fn two_shards(
     options: &[&str],
     name: &str,
     gen_args: &[&str],
-) -> (
-    Kinesalite,
-    tokio::runtime::Runtime,
-    tempfile::TempDir,
-    std::path::PathBuf,
-) {
-    let k = Kinesalite::start_with(options);
-    let rt = rt();
-    rt.block_on(k.create_stream("sales", 2));
+) -> (Kinesis, tempfile::TempDir, std::path::PathBuf) {
+    let b = Kinesis::start_with(options);
+    b.rt.block_on(b.k.create_stream("sales", 2));
     let tmp = tempfile::tempdir().unwrap();
     let events = tmp.path().join(name);
     gen_to(&events, gen_args);
-    (k, rt, tmp, events)
+    (b, tmp, events)
 }
 
-/// `tally publish FILE --to kinesis --stream STREAM` against `k`; panics if it fails.
-fn publish(k: &Kinesalite, stream: &str, file: &Path) {
-    let out = tally()
-        .args(["publish", file.to_str().unwrap(), "--to", "kinesis"])
-        .args(["--stream", stream, "--endpoint", &k.endpoint()])
-        .envs(ENV)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "publish: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// `tally run --kinesis STREAM` against `k` on `data`, with `extra` arguments.
-fn run_stream(k: &Kinesalite, stream: &str, data: &Path, extra: &[&str]) -> Command {
-    let mut c = tally();
-    c.args([
-        "run",
-        "--kinesis",
-        stream,
-        "--kinesis-endpoint",
-        &k.endpoint(),
-    ])
-    .arg("--data-dir")
-    .arg(data)
-    .args(extra)
-    .envs(ENV);
-    c
-}
-
-/// `tally run --kinesis STREAM --until-eof` with `extra`; panics if it fails.
-fn run_to_end(k: &Kinesalite, stream: &str, data: &Path, extra: &[&str]) {
-    let out = run_stream(k, stream, data, &[&["--until-eof"], extra].concat())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// `tally run --kinesis STREAM` against `b` on `data`, with `extra` arguments.
+fn run_stream(b: &Kinesis, stream: &str, data: &Path, extra: &[&str]) -> Command {
+    conformance::run(b, stream, &b.addr(), data, extra)
 }
 
 /// Asserts that a command failed (exit code 3) naming the missing stream `nope`.
@@ -173,54 +130,6 @@ fn assert_names_nope(out: &std::process::Output) {
     );
 }
 
-/// What a store holds, to compare runs: the export, and the dead letters as sorted
-/// (reason, raw record) (their sources, offsets and epochs differ by design).
-fn outcome(data: &Path) -> (String, Vec<(String, String)>) {
-    let export = common::ok(&["export", "--data-dir", data.to_str().unwrap()]);
-    let text = std::fs::read_to_string(data.join("dead-letters.jsonl")).unwrap_or_default();
-    let mut dead: Vec<(String, String)> = text
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (
-                v["reason"].as_str().unwrap().to_owned(),
-                v["raw"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    dead.sort();
-    (String::from_utf8(export.stdout).unwrap(), dead)
-}
-
-/// Asserts two outcomes equal, naming the first differences.
-fn assert_same(got: &(String, Vec<(String, String)>), want: &(String, Vec<(String, String)>)) {
-    let only = |a: &[(String, String)], b: &[(String, String)]| -> Vec<(String, String)> {
-        a.iter()
-            .filter(|x| !b.contains(x))
-            .take(3)
-            .cloned()
-            .collect()
-    };
-    assert!(
-        got.1 == want.1,
-        "dead letters differ: {} against {}; only in the stream's: {:?}; only in the file's: {:?}",
-        got.1.len(),
-        want.1.len(),
-        only(&got.1, &want.1),
-        only(&want.1, &got.1)
-    );
-    let (g, w): (Vec<&str>, Vec<&str>) = (got.0.lines().collect(), want.0.lines().collect());
-    let first = g.iter().zip(&w).position(|(a, b)| a != b);
-    assert!(
-        got.0 == want.0,
-        "exports differ: {} rows against {}; first difference at row {first:?}: {:?} against {:?}",
-        g.len(),
-        w.len(),
-        first.map(|i| g[i]),
-        first.map(|i| w[i])
-    );
-}
-
 /// The outcome of a plain file run of `input` (with `pipeline`, or the default).
 fn file_outcome(
     input: &Path,
@@ -230,20 +139,6 @@ fn file_outcome(
     let data = scratch.join("file-run");
     common::run_until_eof(input, &data, Some(1), pipeline, None);
     outcome(&data)
-}
-
-fn line_count(p: &Path) -> u64 {
-    std::fs::read(p)
-        .unwrap()
-        .iter()
-        .filter(|b| **b == b'\n')
-        .count() as u64
-}
-
-/// The store's meta in `data` (embedded).
-fn meta(data: &Path) -> tally::store::Meta {
-    let s = tally::store::embedded::EmbeddedStore::open_reader(data).unwrap();
-    tally::store::Store::meta(&s).clone()
 }
 
 /// Waits until the run scraped on `addr` has committed `n` records.
@@ -273,66 +168,132 @@ fn stop(child: Child) {
     );
 }
 
-/// A generated stream with bad records of every reason, published to 2 shards and
-/// read by `tally run --kinesis`, killed (-9) after its first commit and run again
-/// to the end: the export and the dead letters are the file's. Every record is
-/// committed exactly once (none read again from the start: the restart resumes
-/// after each shard's committed sequence number), and a third run reads nothing.
+/// kinesalite as the conformance suite's broker; each test starts its own.
+struct Kinesis {
+    k: Kinesalite,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Kinesis {
+    fn start() -> Kinesis {
+        Kinesis::start_with(&[])
+    }
+
+    /// With scripts/kinesalite.js's `options`.
+    fn start_with(options: &[&str]) -> Kinesis {
+        Kinesis {
+            k: Kinesalite::start_with(options),
+            rt: rt(),
+        }
+    }
+}
+
+impl Broker for Kinesis {
+    fn create(&self, test: &str, partitions: u32) -> String {
+        self.rt
+            .block_on(self.k.create_stream(test, partitions as i32));
+        test.to_owned()
+    }
+    fn publish(&self, name: &str, file: &Path) {
+        self.k.publish(name, file)
+    }
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.k.port)
+    }
+    fn read_args(&self, name: &str, addr: &str) -> Vec<String> {
+        [
+            "--kinesis",
+            name,
+            "--kinesis-endpoint",
+            &format!("http://{addr}"),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+    fn env(&self) -> Vec<(&'static str, &'static str)> {
+        ENV.to_vec()
+    }
+    fn partition_prefix(&self, name: &str) -> String {
+        format!("kinesis:{name}/")
+    }
+}
+
+/// The conformance suite's positions and resume on a 2-shard stream, and where
+/// Kinesis resumes: the stream's start and each shard's sequence number.
 #[test]
 fn a_stream_gives_the_files_export_across_a_kill_resuming_at_sequence_numbers() {
-    let (k, _rt, tmp, events) = two_shards(
-        &[],
-        "events.jsonl",
-        &["--events", "30000", "--seed", "7", "--bad-rate", "0.01"],
-    );
-    let lines = line_count(&events);
-    publish(&k, "sales", &events);
-    let want = file_outcome(&events, tmp.path(), None);
-
-    let data = tmp.path().join("d");
-    let addr = format!("127.0.0.1:{}", common::redis::free_port());
-    let args = ["--until-eof", "--workers", "2", "--metrics-addr", &addr];
-    let mut child = run_stream(&k, "sales", &data, &args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    common::wait_for("a first commit", Duration::from_secs(60), || {
-        std::net::TcpStream::connect(&addr).is_ok()
-            && common::find_metric(&common::scrape(&addr), "tally_records_total")
-                .is_some_and(|n| n > 0.0)
-    });
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let before = meta(&data);
-    assert!(
-        before.counters.records > 0 && before.counters.records < lines,
-        "the kill landed mid-run: {} of {lines} committed",
-        before.counters.records
-    );
-
-    run_to_end(&k, "sales", &data, &["--workers", "1"]);
-    assert_same(&outcome(&data), &want);
-    let m = meta(&data);
-    assert_eq!(m.counters.records, lines, "every record committed once");
-    assert_eq!(m.checkpoints["kinesis:sales"], "trim_horizon");
+    let m = conformance::resumes_exactly_across_a_kill(&Kinesis::start());
+    assert_eq!(m.checkpoints["kinesis:kill"], "trim_horizon");
     let shards: Vec<&String> = m
         .checkpoints
         .keys()
-        .filter(|n| n.starts_with("kinesis:sales/"))
+        .filter(|n| n.starts_with("kinesis:kill/"))
         .collect();
     assert_eq!(shards.len(), 2, "{:?}", m.checkpoints);
-    let mut counted = 0;
     for name in shards {
         assert!(m.checkpoints[name].starts_with("after:"), "{name}");
-        counted += m.positions[name];
     }
-    assert_eq!(counted, lines, "the shards' record counts add up");
+}
 
-    // Nothing new: a third run commits nothing and changes nothing.
-    run_to_end(&k, "sales", &data, &[]);
-    assert_eq!(meta(&data).counters.records, lines);
-    assert_same(&outcome(&data), &want);
+/// The conformance suite's network cut: GetRecords fails, backs off and retries.
+#[test]
+fn a_stream_is_read_exactly_across_a_network_cut() {
+    let log = conformance::reconnects_after_a_network_cut(&Kinesis::start());
+    assert!(log.contains("reading failed; retrying"), "{log}");
+}
+
+/// The conformance suite's scale-out: a 4-shard stream over 2 processes.
+#[test]
+fn a_cluster_reads_the_shards_on_every_process_and_exports_the_file() {
+    conformance::spreads_over_a_cluster(&Kinesis::start());
+}
+
+/// A shard read on another process that cannot be read there (that process has no
+/// AWS region) fails the run on process 0, naming the stream and the shard (exit
+/// code 3), instead of leaving the shard unread.
+#[test]
+fn a_shard_that_fails_on_another_process_fails_the_run_naming_it() {
+    use common::cluster::{finish, hosts_file, process, stderr};
+    let k = Kinesalite::start();
+    rt().block_on(k.create_stream("sales", 2));
+    let tmp = tempfile::tempdir().unwrap();
+    let hosts = hosts_file(tmp.path(), 2);
+    let mut follower = process(&hosts, 2, 1, 1, &[]);
+    for (name, _) in ENV {
+        follower.env_remove(name);
+    }
+    let follower = follower
+        .env_remove("AWS_DEFAULT_REGION")
+        .env("AWS_CONFIG_FILE", tmp.path().join("none"))
+        .spawn()
+        .unwrap();
+    let data = tmp.path().join("d");
+    let leader = process(
+        &hosts,
+        2,
+        0,
+        1,
+        &[
+            "--kinesis",
+            "sales",
+            "--kinesis-endpoint",
+            &k.endpoint(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+    )
+    .envs(ENV)
+    .spawn()
+    .unwrap();
+    let l = finish(leader, "the leader", Duration::from_secs(60));
+    let err = stderr(&l);
+    assert_eq!(l.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("Kinesis stream 'sales': shard shardId-") && err.contains("no AWS region"),
+        "{err}"
+    );
+    // The leader ends the cluster as it fails; the follower then ends too.
+    finish(follower, "the follower", Duration::from_secs(30));
 }
 
 /// Resharding: a split before the run and a merge during it. Each provider's records
@@ -343,11 +304,12 @@ fn a_stream_gives_the_files_export_across_a_kill_resuming_at_sequence_numbers() 
 /// the file of all three parts.
 #[test]
 fn a_split_and_a_merge_read_parents_first_and_lose_nothing() {
-    let (k, rt, tmp, all) = two_shards(
+    let (b, tmp, all) = two_shards(
         &[],
         "all.jsonl",
         &["--events", "9000", "--seed", "11", "--bad-rate", "0.01"],
     );
+    let (k, rt) = (&b.k, &b.rt);
     let bytes = std::fs::read(&all).unwrap();
     let lines: Vec<&[u8]> = bytes
         .split(|b| *b == b'\n')
@@ -411,9 +373,9 @@ fn a_split_and_a_merge_read_parents_first_and_lose_nothing() {
         );
     }
 
-    publish(&k, "sales", &part1);
+    k.publish("sales", &part1);
     rt.block_on(k.split("sales", "shardId-000000000000"));
-    publish(&k, "sales", &part2);
+    k.publish("sales", &part2);
 
     let data = tmp.path().join("d");
     let addr = format!("127.0.0.1:{}", common::redis::free_port());
@@ -423,7 +385,7 @@ fn a_split_and_a_merge_read_parents_first_and_lose_nothing() {
         "--pipeline",
         pipeline.to_str().unwrap(),
     ];
-    let child = run_stream(&k, "sales", &data, &args)
+    let child = run_stream(&b, "sales", &data, &args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -438,7 +400,7 @@ fn a_split_and_a_merge_read_parents_first_and_lose_nothing() {
         .collect();
     assert_eq!(open.len(), 2, "{shards:?}");
     rt.block_on(k.merge("sales", open[0], open[1]));
-    publish(&k, "sales", &part3);
+    k.publish("sales", &part3);
     wait_committed(&addr, line_count(&whole));
     stop(child);
 
@@ -466,17 +428,18 @@ fn a_split_and_a_merge_read_parents_first_and_lose_nothing() {
 /// `tally_source_throttled_total`, and loses nothing.
 #[test]
 fn throttled_reads_back_off_and_lose_nothing() {
-    let (k, _rt, tmp, events) = two_shards(
+    let (b, tmp, events) = two_shards(
         &["--throttle-get-records", "3"],
         "events.jsonl",
         &["--events", "6000", "--seed", "5", "--bad-rate", "0.01"],
     );
-    publish(&k, "sales", &events);
+    let k = &b.k;
+    k.publish("sales", &events);
     let want = file_outcome(&events, tmp.path(), None);
 
     let data = tmp.path().join("d");
     let addr = format!("127.0.0.1:{}", common::redis::free_port());
-    let child = run_stream(&k, "sales", &data, &["--metrics-addr", &addr])
+    let child = run_stream(&b, "sales", &data, &["--metrics-addr", &addr])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -505,7 +468,8 @@ fn throttled_reads_back_off_and_lose_nothing() {
 /// the new latest), so what was put while it was down is read too.
 #[test]
 fn latest_starts_at_the_first_run_and_restarts_resume() {
-    let (k, _rt, tmp, all) = two_shards(&[], "all.jsonl", &["--events", "3000", "--seed", "3"]);
+    let (b, tmp, all) = two_shards(&[], "all.jsonl", &["--events", "3000", "--seed", "3"]);
+    let k = &b.k;
     let text = std::fs::read_to_string(&all).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     let part = |name: &str, ls: &[&str]| {
@@ -519,12 +483,12 @@ fn latest_starts_at_the_first_run_and_restarts_resume() {
     );
     let later = part("later.jsonl", &lines[2000..]);
     let read = part("read.jsonl", &lines[1000..]);
-    publish(&k, "sales", &old);
+    k.publish("sales", &old);
 
     let data = tmp.path().join("d");
     let addr = format!("127.0.0.1:{}", common::redis::free_port());
     let args = ["--metrics-addr", &addr, "--kinesis-start", "latest"];
-    let child = run_stream(&k, "sales", &data, &args)
+    let child = run_stream(&b, "sales", &data, &args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -538,11 +502,11 @@ fn latest_starts_at_the_first_run_and_restarts_resume() {
                 .count()
                 == 2
     });
-    publish(&k, "sales", &new);
+    k.publish("sales", &new);
     wait_committed(&addr, 1000);
     stop(child);
-    publish(&k, "sales", &later);
-    run_to_end(&k, "sales", &data, &["--kinesis-start", "latest"]);
+    k.publish("sales", &later);
+    conformance::run_to_end(&b, "sales", &data, &["--kinesis-start", "latest"]);
     assert_same(&outcome(&data), &file_outcome(&read, tmp.path(), None));
     let m = meta(&data);
     assert_eq!(m.counters.records, 2000);
@@ -552,9 +516,9 @@ fn latest_starts_at_the_first_run_and_restarts_resume() {
 /// A stream that does not exist fails the start, naming it (exit code 3).
 #[test]
 fn run_names_a_missing_stream() {
-    let k = Kinesalite::start();
+    let b = Kinesis::start();
     let tmp = tempfile::tempdir().unwrap();
-    let out = run_stream(&k, "nope", &tmp.path().join("d"), &["--until-eof"])
+    let out = run_stream(&b, "nope", &tmp.path().join("d"), &["--until-eof"])
         .output()
         .unwrap();
     assert_names_nope(&out);

@@ -248,8 +248,9 @@ impl FluvioArgs {
 
 /// One timely cluster across processes (scale-out). Process 0 reads the inputs,
 /// commits and serves the gRPC API; the others run their share of the dataflow's
-/// workers (--workers each), ignore the inputs and store flags, and serve only the
-/// gRPC health service on --grpc-addr. Start every process with the same pipeline,
+/// workers (--workers each), read the Kinesis shards and Fluvio partitions process
+/// 0 gives them (round robin), ignore the inputs and store flags, and serve only
+/// the gRPC health service on --grpc-addr. Start every process with the same pipeline,
 /// --workers, hosts file and Tally version; they wait for each other. When one
 /// dies, the others exit with code 4: start them all again.
 #[derive(Args, Debug, Clone)]
@@ -789,7 +790,8 @@ fn follow(a: &RunArgs, pipeline: Arc<Pipeline>, c: &crate::dataflow::Cluster) ->
         tracing::info!(
             process = c.process,
             "inputs, the store, exports and the gRPC API belong to process 0: ignored here \
-             (this process serves only the gRPC health service on --grpc-addr)"
+             (this process reads the broker partitions process 0 gives it and serves only \
+             the gRPC health service on --grpc-addr)"
         );
     }
     // A signal does not stop a follower: the cluster ends when the leader has

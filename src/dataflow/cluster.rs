@@ -3,7 +3,9 @@
 //! Every process runs the same dataflow on `--workers` threads; timely numbers the
 //! workers `process * workers + thread`, and every exchange spreads over all of them.
 //! Process 0 is the leader: it reads the inputs, cuts epochs, holds the staging log
-//! and is the one committer. Its records enter the dataflow on its own workers and
+//! and is the one committer. (A Kinesis stream's shards and a Fluvio topic's
+//! partitions are read over every process and sent to it over reader links, see
+//! [`crate::source::remote`]; it merges them.) Its records enter the dataflow on its own workers and
 //! the first exchange (by event id) spreads them over the whole cluster; each
 //! epoch's outputs are exchanged back to worker 0, whose process commits them. The
 //! other processes only compute; their state is rebuilt at every start by the
@@ -46,10 +48,14 @@ pub enum ClusterError {
 
 const MAGIC: [u8; 8] = *b"TALLYCL1";
 const HELLO_LEN: usize = WORDS_END + VERSION_LEN;
-/// The magic, then four big-endian words.
-const WORDS_END: usize = 8 + 4 * 8;
+/// The magic, then five big-endian words.
+const WORDS_END: usize = 8 + 5 * 8;
 /// The version field: the crate version, zero-padded.
 const VERSION_LEN: usize = 32;
+/// A connection handed to timely.
+const TIMELY: u64 = 0;
+/// A process's reader link to process 0 ([`crate::source::remote`]).
+const LINK: u64 = 1;
 
 /// What each process tells each other before the cluster starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +64,8 @@ struct Hello {
     processes: u64,
     workers: u64,
     pipeline: u64,
+    /// What the connection is for: [`TIMELY`] or [`LINK`].
+    role: u64,
     /// The dataflow's wire format (what crosses between processes) is that of one
     /// build: processes of different versions must not form a cluster.
     version: [u8; VERSION_LEN],
@@ -80,9 +88,15 @@ impl Hello {
     fn bytes(&self) -> [u8; HELLO_LEN] {
         let mut b = [0u8; HELLO_LEN];
         b[..8].copy_from_slice(&MAGIC);
-        for (i, v) in [self.process, self.processes, self.workers, self.pipeline]
-            .into_iter()
-            .enumerate()
+        for (i, v) in [
+            self.process,
+            self.processes,
+            self.workers,
+            self.pipeline,
+            self.role,
+        ]
+        .into_iter()
+        .enumerate()
         {
             b[8 + i * 8..16 + i * 8].copy_from_slice(&v.to_be_bytes());
         }
@@ -100,6 +114,7 @@ impl Hello {
             processes: word(1),
             workers: word(2),
             pipeline: word(3),
+            role: word(4),
             version: b[WORDS_END..].try_into().unwrap(),
         })
     }
@@ -182,19 +197,18 @@ impl Cluster {
         self.hosts.len()
     }
 
-    /// Connects to every other process: sockets by process index, `None` at this
-    /// one's. Process `i` connects to every lower index and accepts the higher ones
-    /// (timely's convention); each pair exchanges and checks a hello.
-    pub(crate) fn connect(
-        &self,
-        workers: usize,
-        pipeline: u64,
-    ) -> Result<Vec<Option<TcpStream>>, ClusterError> {
+    /// Connects to every other process: timely's sockets by process index, `None` at
+    /// this one's. Process `i` connects to every lower index and accepts the higher
+    /// ones (timely's convention); each pair exchanges and checks a hello. Every
+    /// process but 0 also opens its reader link to process 0: the links come back
+    /// by process index on process 0, and as the one link elsewhere.
+    pub(crate) fn connect(&self, workers: usize, pipeline: u64) -> Result<Connected, ClusterError> {
         let me = Hello {
             process: self.process as u64,
             processes: self.processes() as u64,
             workers: workers as u64,
             pipeline,
+            role: TIMELY,
             version: version(),
         };
         let deadline = Instant::now() + self.connect_timeout;
@@ -219,11 +233,18 @@ impl Cluster {
             "forming the timely cluster"
         );
         let mut sockets: Vec<Option<TcpStream>> = (0..self.processes()).map(|_| None).collect();
-        // Lower indices first, as timely does: each accepts its higher peers.
-        for (i, host) in self.hosts.iter().enumerate().take(self.process) {
+        let mut links: Vec<Option<TcpStream>> = (0..self.processes()).map(|_| None).collect();
+        // Lower indices first, as timely does: each accepts its higher peers. The
+        // link to process 0 last.
+        let dial: Vec<(usize, u64)> = (0..self.process)
+            .map(|i| (i, TIMELY))
+            .chain((self.process > 0).then_some((0, LINK)))
+            .collect();
+        for (i, role) in dial {
+            let host = &self.hosts[i];
             let mut s = connect_until(host, deadline)
                 .map_err(|e| fail(format!("connecting to process {i} at {host}: {e}")))?;
-            s.write_all(&me.bytes())
+            s.write_all(&Hello { role, ..me }.bytes())
                 .map_err(|e| fail(format!("greeting process {i} at {host}: {e}")))?;
             let peer = read_hello(&mut s, deadline)
                 .map_err(|e| fail(format!("hello from process {i} at {host}: {e}")))?;
@@ -236,10 +257,17 @@ impl Cluster {
             if let Some(why) = me.mismatch(&peer) {
                 return Err(fail(format!("process {i} at {host} does not match: {why}")));
             }
-            sockets[i] = Some(s);
+            if role == LINK {
+                links[0] = Some(s);
+            } else {
+                sockets[i] = Some(s);
+            }
         }
         if let Some(l) = listener {
-            let mut waiting = self.processes() - self.process - 1;
+            // Timely's connections from every higher process; on process 0, their
+            // reader links too.
+            let per_peer = if self.process == 0 { 2 } else { 1 };
+            let mut waiting = (self.processes() - self.process - 1) * per_peer;
             let mut last_note = Instant::now();
             while waiting > 0 {
                 match l.accept() {
@@ -261,18 +289,31 @@ impl Cluster {
                                 "process {i} from {from} does not match: {why}"
                             )));
                         }
-                        if sockets[i].is_some() {
+                        let slot = match peer.role {
+                            TIMELY => &mut sockets[i],
+                            LINK if self.process == 0 => &mut links[i],
+                            _ => {
+                                return Err(fail(format!(
+                                    "process {i} from {from} opened a connection of role {} here",
+                                    peer.role
+                                )))
+                            }
+                        };
+                        if slot.is_some() {
                             return Err(fail(format!(
                                 "process {i} connected twice (the second from {from})"
                             )));
                         }
-                        sockets[i] = Some(s);
+                        *slot = Some(s);
                         waiting -= 1;
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         if Instant::now() >= deadline {
                             let missing: Vec<String> = (self.process + 1..self.processes())
-                                .filter(|i| sockets[*i].is_none())
+                                .filter(|i| {
+                                    sockets[*i].is_none()
+                                        || self.process == 0 && links[*i].is_none()
+                                })
                                 .map(|i| format!("{i} ({})", self.hosts[i]))
                                 .collect();
                             return Err(fail(format!(
@@ -291,13 +332,29 @@ impl Cluster {
                 }
             }
         }
-        for s in sockets.iter().flatten() {
+        for s in sockets.iter().chain(&links).flatten() {
             let _ = s.set_read_timeout(None);
             let _ = s.set_nodelay(true);
         }
         tracing::info!(process = self.process, "timely cluster formed");
-        Ok(sockets)
+        Ok(Connected {
+            sockets,
+            links: links
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, s)| Some((i, s?)))
+                .collect(),
+        })
     }
+}
+
+/// A formed cluster's connections.
+pub(crate) struct Connected {
+    /// Timely's, by process index (`None` at this process's).
+    pub sockets: Vec<Option<TcpStream>>,
+    /// The reader links by the other end's process index: every other process's on
+    /// process 0, the one to process 0 elsewhere.
+    pub links: Vec<(usize, TcpStream)>,
 }
 
 /// The exit code of a process that lost its connection to another cluster process.
@@ -449,6 +506,7 @@ mod tests {
             processes: 2,
             workers: 2,
             pipeline: 7,
+            role: TIMELY,
             version: version(),
         };
         assert_eq!(Hello::parse(&a.bytes()), Some(a));

@@ -144,6 +144,8 @@ pub struct Dataflow {
     inputs: Vec<Sender<ToWorker>>,
     next: usize,
     guards: Option<timely::communication::initialize::WorkerGuards<()>>,
+    /// The cluster's reader links, until taken.
+    links: Vec<(usize, std::net::TcpStream)>,
 }
 
 impl Dataflow {
@@ -166,13 +168,16 @@ impl Dataflow {
         let workers = workers.max(1);
         cluster::watch_failures();
         let leader = cluster.is_none_or(|c| c.process == 0);
+        let mut links = Vec::new();
         let (builders, others): (Vec<AllocatorBuilder>, Box<dyn std::any::Any + Send>) =
             match cluster {
                 None => timely::CommunicationConfig::Process(workers)
                     .try_build()
                     .expect("timely process allocators"),
                 Some(c) => {
-                    let sockets = c.connect(workers, semantics_digest(&pipeline))?;
+                    let connected = c.connect(workers, semantics_digest(&pipeline))?;
+                    links = connected.links;
+                    let sockets = connected.sockets;
                     let hooks = timely::communication::Hooks::default();
                     let local = ProcessBuilder::new_typed_vector(
                         workers,
@@ -265,7 +270,15 @@ impl Dataflow {
             inputs: txs,
             next: 0,
             guards: Some(guards),
+            links,
         })
+    }
+
+    /// The cluster's reader links ([`crate::source::remote`]), once: by the other
+    /// process's index, every other process's on process 0 and the one to process 0
+    /// elsewhere; none in one process.
+    pub fn take_links(&mut self) -> Vec<(usize, std::net::TcpStream)> {
+        std::mem::take(&mut self.links)
     }
 
     pub fn workers(&self) -> usize {

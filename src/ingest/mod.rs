@@ -294,12 +294,10 @@ pub fn run(
         positions: meta.positions.clone(),
         checkpoints: meta.checkpoints.clone(),
     };
-    let sources = Sources::start(&cfg.inputs, &resume, cfg.follow, Arc::clone(&stop))?;
-    let registry = sources.names.clone();
-
     let (out_tx, out_rx) = crossbeam_channel::unbounded::<EpochOutput>();
     let (meta_tx, meta_rx) = crossbeam_channel::unbounded::<EpochMeta>();
     let (permit_tx, permit_rx) = crossbeam_channel::bounded::<()>(IN_FLIGHT);
+    // The cluster forms first: the sources read partitions over its reader links.
     let mut df = Dataflow::start(
         Arc::clone(&cfg.pipeline),
         cfg.workers,
@@ -307,6 +305,24 @@ pub fn run(
         out_tx,
         cfg.cluster.as_ref(),
     )?;
+    let remote =
+        crate::source::remote::Remote::start(df.take_links()).map_err(|source| RunError::Io {
+            what: "reader links",
+            path: "the cluster".into(),
+            source,
+        });
+    let sources = match remote.and_then(|remote| {
+        Sources::start(&cfg.inputs, &resume, cfg.follow, Arc::clone(&stop), remote)
+            .map_err(RunError::from)
+    }) {
+        Ok(s) => s,
+        Err(e) => {
+            stop.store(true, Ordering::Relaxed);
+            let _ = df.join();
+            return Err(e);
+        }
+    };
+    let registry = sources.names.clone();
     let committer = {
         let workers = df.workers();
         let committed = meta.epoch;
@@ -569,6 +585,17 @@ pub fn follow(
     // Only the leader's outputs are committed; a follower's workers report empty epochs.
     drop(unread);
     let mut df = Dataflow::start(pipeline, workers, 1, outputs, Some(cluster))?;
+    // The partitions process 0 gives this process to read, until it closes the link.
+    for (_, link) in df.take_links() {
+        std::thread::Builder::new()
+            .name("tally-reader-link".into())
+            .spawn(move || {
+                if let Err(e) = crate::source::remote::serve(link, workers) {
+                    tracing::warn!(error = %e, "the reader link to process 0 broke");
+                }
+            })
+            .expect("spawn reader link");
+    }
     formed();
     df.join().map_err(RunError::Dataflow)
 }

@@ -9,7 +9,8 @@
 //! on the partition (committed with the first epoch), so records that arrive before
 //! a partition's first commit are still read after a restart.
 //!
-//! Reading. One task per partition on a small tokio runtime. Each fetch streams from
+//! Reading. One task per partition on a small tokio runtime (in a cluster, spread
+//! over the processes: [`super::remote`]). Each fetch streams from
 //! the next offset to the partition's current end (`disable_continuous`); a fetch that
 //! ends with nothing new means the partition is caught up (idle), and the task asks
 //! again every `poll_interval`. Connection and fetch failures back off (doubling,
@@ -44,7 +45,7 @@ const BATCH: usize = 1024;
 const LAG_EVERY: Duration = Duration::from_secs(5);
 
 /// Where a partition with nothing committed starts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FluvioStart {
     Beginning,
     /// The partition's end at the deployment's first start.
@@ -70,7 +71,7 @@ impl std::str::FromStr for FluvioStart {
 }
 
 /// A Fluvio topic to read.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FluvioSpec {
     pub topic: String,
     pub start: FluvioStart,
@@ -98,6 +99,56 @@ impl FluvioSpec {
 
     pub fn partition_name(&self, p: u32) -> String {
         format!("fluvio:{}/{p}", self.topic)
+    }
+}
+
+/// One partition to read on another process of a cluster ([`super::remote`]).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub(super) struct PartitionWork {
+    spec: FluvioSpec,
+    partition: u32,
+    /// The next offset to read.
+    offset: u64,
+}
+
+impl PartitionWork {
+    pub(super) fn name(&self) -> String {
+        self.spec.partition_name(self.partition)
+    }
+
+    /// Reads the partition here, over this process's own connection to the Fluvio
+    /// cluster process 0 reads (its SC address as process 0 was given it), until
+    /// `stop`.
+    pub(super) async fn read(
+        self,
+        report: tokio::sync::mpsc::UnboundedSender<Report>,
+        permits: Arc<tokio::sync::Semaphore>,
+        stop: Arc<AtomicBool>,
+    ) {
+        let fluvio = loop {
+            match connect(self.spec.endpoint.as_deref()).await {
+                Ok(f) => break f,
+                Err(e) => {
+                    tracing::warn!(topic = %self.spec.topic, error = %e, "connecting failed; retrying");
+                    if !super::merge::pause(BACKOFF_MAX, &|| stop.load(Ordering::Relaxed)).await {
+                        return;
+                    }
+                }
+            }
+        };
+        // Nothing is sent here: the reports go to process 0. Held open while reading
+        // (a closed channel stops the reader).
+        let (tx, _held) = tokio::sync::mpsc::channel(1);
+        let ctx = Arc::new(Ctx {
+            spec: self.spec,
+            fluvio: Arc::new(fluvio),
+            names: Names::default(),
+            stop,
+            tx,
+            remote: None,
+        });
+        let next = Arc::new(AtomicU64::new(self.offset));
+        read_partition(ctx, self.partition, next, report, permits).await;
     }
 }
 
@@ -137,6 +188,8 @@ pub struct Reader {
     names: Names,
     /// Per partition: where it resumes, and whether that is only a start checkpoint.
     from: BTreeMap<u32, (u64, bool)>,
+    /// The cluster's other processes, which read some of the partitions.
+    remote: Option<Arc<super::remote::Remote>>,
 }
 
 impl Reader {
@@ -145,6 +198,7 @@ impl Reader {
         spec: &FluvioSpec,
         resume: &Resume,
         names: Names,
+        remote: Option<Arc<super::remote::Remote>>,
     ) -> Result<Reader, SourceError> {
         let fail = |reason: String| SourceError::Fluvio {
             topic: spec.topic.clone(),
@@ -190,6 +244,7 @@ impl Reader {
             fluvio: Arc::new(fluvio),
             names,
             from,
+            remote,
         })
     }
 
@@ -204,6 +259,7 @@ impl Reader {
             fluvio,
             names,
             from,
+            remote,
         } = self;
         // Each partition's start, committed with the first epoch.
         for (p, (offset, start)) in &from {
@@ -224,6 +280,7 @@ impl Reader {
             names,
             stop: Arc::clone(stop),
             tx: atx,
+            remote,
         });
         rt.spawn(coordinate(ctx, from));
         super::merge::forward(rt, arx, tx, stop);
@@ -253,6 +310,7 @@ struct Ctx {
     names: Names,
     stop: Arc<AtomicBool>,
     tx: tokio::sync::mpsc::Sender<SourceMsg>,
+    remote: Option<Arc<super::remote::Remote>>,
 }
 
 impl Partitions for Ctx {
@@ -279,6 +337,16 @@ impl Ctx {
     async fn pause(&self, d: Duration) -> bool {
         super::merge::pause(d, &|| self.stopped()).await
     }
+
+    async fn fail(&self, reason: String) {
+        let _ = self
+            .tx
+            .send(SourceMsg::Failed(SourceError::Fluvio {
+                topic: self.spec.topic.clone(),
+                reason,
+            }))
+            .await;
+    }
 }
 
 /// Starts a task per partition and merges what they read by event time; sends the
@@ -301,13 +369,26 @@ async fn coordinate(ctx: Arc<Ctx>, from: BTreeMap<u32, (u64, bool)>) {
         );
         let at = Arc::new(AtomicU64::new(offset));
         next.insert(p, Arc::clone(&at));
-        tokio::spawn(read_partition(
-            Arc::clone(&ctx),
-            p,
-            at,
-            rtx.clone(),
-            permits,
-        ));
+        match ctx.remote.as_ref().and_then(|r| Some((r, r.place()?))) {
+            Some((remote, link)) => {
+                let work = PartitionWork {
+                    spec: ctx.spec.clone(),
+                    partition: p,
+                    offset,
+                };
+                let work = super::remote::Work::Fluvio(work);
+                remote.start_on(link, work, p.to_string(), rtx.clone(), permits, Some(at));
+            }
+            None => {
+                tokio::spawn(read_partition(
+                    Arc::clone(&ctx),
+                    p,
+                    at,
+                    rtx.clone(),
+                    permits,
+                ));
+            }
+        }
     }
     tokio::spawn(watch_lag(Arc::clone(&ctx), next));
     let mut eof_sent = false;
@@ -322,7 +403,9 @@ async fn coordinate(ctx: Arc<Ctx>, from: BTreeMap<u32, (u64, bool)>) {
             }
         }
         if let Ok(Some(r)) = tokio::time::timeout(Duration::from_millis(200), rrx.recv()).await {
-            super::merge::note(&mut known, r);
+            if let Some(why) = super::merge::note(&mut known, r) {
+                return ctx.fail(why).await;
+            }
         }
     }
 }

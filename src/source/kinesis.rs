@@ -13,7 +13,9 @@
 //!
 //! Reading. One task per shard on a small tokio runtime; GetRecords of up to 10,000
 //! records, again at once while the shard is behind (at most five calls a second, the
-//! service's limit per shard), every `poll_interval` once caught up. Throttling and
+//! service's limit per shard), every `poll_interval` once caught up. In a cluster
+//! the shards' tasks are spread over the processes ([`super::remote`]); the
+//! coordinator and the merge stay on process 0. Throttling and
 //! transient failures back off (doubling, 0.2 s to 10 s, jittered) and retry; an
 //! expired iterator is renewed from the last record read. A task reads at most
 //! [`READ_AHEAD`] batches ahead of the merge.
@@ -59,7 +61,7 @@ const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// Where a deployment without checkpoints starts reading.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum StartAt {
     /// The oldest record kept (the default: nothing retained is left out).
     TrimHorizon,
@@ -85,7 +87,7 @@ impl std::str::FromStr for StartAt {
 }
 
 /// A Kinesis stream to read.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KinesisSpec {
     /// The stream's name (not its ARN).
     pub stream: String,
@@ -209,7 +211,7 @@ where
 
 /// Where a deployment starts reading (`latest` is fixed as an instant), committed as
 /// the stream's own checkpoint: also where a shard without a checkpoint starts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Origin {
     TrimHorizon,
     At(Millis),
@@ -233,10 +235,63 @@ impl Origin {
 }
 
 /// Where a shard's reading starts: the deployment's origin, or after a record.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum From {
     Origin(Origin),
     After(String),
+}
+
+/// One shard to read on another process of a cluster ([`super::remote`]).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub(super) struct ShardWork {
+    spec: KinesisSpec,
+    shard: String,
+    from: From,
+    /// Its records committed so far: the next record's offset.
+    count: u64,
+}
+
+impl ShardWork {
+    pub(super) fn name(&self) -> String {
+        self.spec.shard_name(&self.shard)
+    }
+
+    /// Reads the shard here with a client of this process's own (credentials from
+    /// its AWS chain; the region and endpoint as process 0 was given them), until
+    /// it ends, fails or `stop`.
+    pub(super) async fn read(
+        self,
+        report: tokio::sync::mpsc::UnboundedSender<Report>,
+        permits: Arc<tokio::sync::Semaphore>,
+        stop: Arc<AtomicBool>,
+    ) {
+        let ShardWork {
+            spec,
+            shard,
+            from,
+            count,
+        } = self;
+        let client = match client(spec.region.as_deref(), spec.endpoint.as_deref(), false).await {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = report.send(Report::Failed(format!("shard {shard}: {e}")));
+                return;
+            }
+        };
+        // Nothing is sent here: the reports go to process 0. Held open while reading
+        // (a closed channel stops the reader).
+        let (tx, _held) = tokio::sync::mpsc::channel(1);
+        let ctx = Arc::new(Ctx {
+            spec,
+            client,
+            names: Names::default(),
+            start: Origin::TrimHorizon,
+            stop,
+            tx,
+            remote: None,
+        });
+        read_shard(ctx, shard, from, count, report, permits).await;
+    }
 }
 
 /// A stream opened for reading, ready to start.
@@ -249,6 +304,8 @@ pub struct Reader {
     start: Origin,
     /// Committed shard checkpoints and record counts, by shard id.
     resume: BTreeMap<String, (String, u64)>,
+    /// The cluster's other processes, which read some of the shards.
+    remote: Option<Arc<super::remote::Remote>>,
 }
 
 impl Reader {
@@ -257,6 +314,7 @@ impl Reader {
         spec: &KinesisSpec,
         resume: &Resume,
         names: Names,
+        remote: Option<Arc<super::remote::Remote>>,
     ) -> Result<Reader, SourceError> {
         let fail = |reason: String| SourceError::Kinesis {
             stream: spec.stream.clone(),
@@ -318,6 +376,7 @@ impl Reader {
             names,
             start,
             resume: shards,
+            remote,
         })
     }
 
@@ -341,6 +400,7 @@ impl Reader {
             names,
             start,
             resume,
+            remote,
         } = self;
         let ctx = Arc::new(Ctx {
             spec,
@@ -349,6 +409,7 @@ impl Reader {
             start,
             stop: Arc::clone(stop),
             tx: atx,
+            remote,
         });
         rt.spawn(coordinate(ctx, resume));
         super::merge::forward(rt, arx, tx, stop);
@@ -362,6 +423,7 @@ struct Ctx {
     start: Origin,
     stop: Arc<AtomicBool>,
     tx: tokio::sync::mpsc::Sender<SourceMsg>,
+    remote: Option<Arc<super::remote::Remote>>,
 }
 
 impl Partitions for Ctx {
@@ -482,14 +544,28 @@ async fn coordinate(ctx: Arc<Ctx>, mut resume: BTreeMap<String, (String, u64)>) 
             k.state = State::Reading;
             tracing::debug!(stream = %ctx.spec.stream, shard = %id, ?from, "reading shard");
             let permits = Arc::clone(&k.permits);
-            tokio::spawn(read_shard(
-                Arc::clone(&ctx),
-                id,
-                from,
-                count,
-                rtx.clone(),
-                permits,
-            ));
+            match ctx.remote.as_ref().and_then(|r| Some((r, r.place()?))) {
+                Some((remote, link)) => {
+                    let work = ShardWork {
+                        spec: ctx.spec.clone(),
+                        shard: id.clone(),
+                        from,
+                        count,
+                    };
+                    let work = super::remote::Work::Kinesis(work);
+                    remote.start_on(link, work, id, rtx.clone(), permits, None);
+                }
+                None => {
+                    tokio::spawn(read_shard(
+                        Arc::clone(&ctx),
+                        id,
+                        from,
+                        count,
+                        rtx.clone(),
+                        permits,
+                    ));
+                }
+            }
         }
         match merge(&*ctx, &mut known).await {
             Ok(ended) => relist |= ended,
@@ -509,7 +585,9 @@ async fn coordinate(ctx: Arc<Ctx>, mut resume: BTreeMap<String, (String, u64)>) 
             continue;
         }
         if let Ok(Some(r)) = tokio::time::timeout(Duration::from_millis(200), rrx.recv()).await {
-            super::merge::note(&mut known, r);
+            if let Some(why) = super::merge::note(&mut known, r) {
+                return ctx.fail(why).await;
+            }
         }
     }
 }
@@ -687,7 +765,10 @@ async fn read_shard(
                 let _ = report.send(Report::Ended(shard));
                 return;
             }
-            (_, why) => return ctx.fail(format!("shard {shard}: {why}")).await,
+            (_, why) => {
+                let _ = report.send(Report::Failed(format!("shard {shard}: {why}")));
+                return;
+            }
         }
         if !ctx.pause(jitter(backoff)).await {
             return;

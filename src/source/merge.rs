@@ -39,6 +39,8 @@ pub(super) enum Report {
     Idle(String),
     /// Closed, and read to its end.
     Ended(String),
+    /// It cannot be read any more, and why (the source fails with this reason).
+    Failed(String),
 }
 
 #[derive(PartialEq, Eq)]
@@ -202,8 +204,9 @@ pub(super) fn forward(
     rt.shutdown_timeout(Duration::from_secs(5));
 }
 
-/// Takes in a partition task's report.
-pub(super) fn note(known: &mut BTreeMap<String, Known>, report: Report) {
+/// Takes in a partition task's report; a failure's reason comes back, for the
+/// source to fail with.
+pub(super) fn note(known: &mut BTreeMap<String, Known>, report: Report) -> Option<String> {
     match report {
         Report::Batch(id, lines) => {
             if let Some(k) = known.get_mut(&id) {
@@ -221,5 +224,7 @@ pub(super) fn note(known: &mut BTreeMap<String, Known>, report: Report) {
                 k.state = State::Closing;
             }
         }
+        Report::Failed(why) => return Some(why),
     }
+    None
 }

@@ -6,7 +6,8 @@
 //! stream ([`kinesis`]: one source per shard, numbered by record, resumed from the
 //! sequence number committed as its checkpoint), or a Fluvio topic ([`fluvio`]: one
 //! source per partition, positioned by offset). The partitions of a Kinesis stream or
-//! a Fluvio topic are merged by event time ([`merge`]). Source names are indexed in one
+//! a Fluvio topic are merged by event time ([`merge`]); in a cluster they are read
+//! over every process ([`remote`]). Source names are indexed in one
 //! [`Names`] registry, which grows as shards appear. Each input is
 //! read by its own thread, which splits lines, decodes them (decode is pure and per
 //! line, so it runs beside the dataflow) and sends batches to the ingest loop over a
@@ -19,6 +20,7 @@ pub mod fluvio;
 pub mod gen;
 pub mod kinesis;
 mod merge;
+pub mod remote;
 
 use crate::decode::{decode, Reason};
 use crate::model::Event;
@@ -67,6 +69,7 @@ pub enum SourceError {
 }
 
 /// One record read: where, its bytes (without the newline) and what decoding made of it.
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Line {
     pub offset: u64,
     /// The offset just after the record (and its newline).
@@ -144,11 +147,15 @@ enum Unit {
 impl Sources {
     /// Expands inputs and starts one reader thread per input. A Kinesis stream is
     /// checked here (it exists, it can be read), so a bad one fails the start.
+    ///
+    /// In a cluster, `remote` holds the links to the other processes: the partitions of
+    /// a Kinesis stream or a Fluvio topic are then read over all of them.
     pub fn start(
         inputs: &[Input],
         resume: &Resume,
         follow: bool,
         stop: Arc<AtomicBool>,
+        remote: Option<Arc<remote::Remote>>,
     ) -> Result<Sources, SourceError> {
         let registry = Names::default();
         let mut plans: Vec<Vec<(u32, Unit, u64)>> = Vec::new();
@@ -160,11 +167,13 @@ impl Sources {
             };
             match input {
                 Input::Kinesis(spec) => {
-                    let reader = kinesis::Reader::open(spec, resume, registry.clone())?;
+                    let reader =
+                        kinesis::Reader::open(spec, resume, registry.clone(), remote.clone())?;
                     add(spec.source_name(), Unit::Kinesis(Box::new(reader)))
                 }
                 Input::Fluvio(spec) => {
-                    let reader = fluvio::Reader::open(spec, resume, registry.clone())?;
+                    let reader =
+                        fluvio::Reader::open(spec, resume, registry.clone(), remote.clone())?;
                     add(spec.source_name(), Unit::Fluvio(Box::new(reader)))
                 }
                 Input::Stdin => add("-".into(), Unit::Stdin),

@@ -3,7 +3,8 @@
 //! (`$TALLY_NODE`, default `~/.cache/tally-node`), and an SDK client for it.
 
 use super::redis::free_port;
-use std::path::PathBuf;
+use super::tally;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -85,6 +86,21 @@ impl Kinesalite {
             .endpoint_url(self.endpoint())
             .build();
         aws_sdk_kinesis::Client::from_conf(conf)
+    }
+
+    /// `tally publish FILE --to kinesis --stream STREAM` here; panics if it fails.
+    pub fn publish(&self, stream: &str, file: &Path) {
+        let out = tally()
+            .args(["publish", file.to_str().unwrap(), "--to", "kinesis"])
+            .args(["--stream", stream, "--endpoint", &self.endpoint()])
+            .envs(ENV)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "publish: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Creates a stream of `shards` shards and waits until it is ACTIVE.

@@ -1,8 +1,11 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod cluster;
+pub mod conformance;
 pub mod grpc;
 pub mod kinesis;
+pub mod proxy;
 pub mod redis;
 pub mod reference;
 
