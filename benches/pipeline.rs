@@ -17,6 +17,11 @@
 //!   `appendfsync everysec`), with `--changes-stream` also appending every epoch's
 //!   changes to the providers' streams; then Redis memory per row, by view
 //!   (`MEMORY USAGE` of the window and index keys).
+//! - `kinesis --events N --shards S --workers W [--processes P] [--runs R]`: the
+//!   same file put to an S-shard stream on a kinesalite this harness starts, then
+//!   read from it to committed aggregates (`--until-eof`), in one process or in a
+//!   cluster of P (the shards then read over every process); prints the put rate
+//!   and, per run, seconds and events/s.
 
 use std::io::BufRead;
 use std::sync::atomic::AtomicBool;
@@ -195,6 +200,68 @@ fn main() {
                     events as f64 / secs,
                     events as f64 / secs / (workers * processes) as f64,
                     status("VmHWM:") >> 20
+                );
+            }
+        }
+        "kinesis" => {
+            let events = arg(&args, "--events", 500_000);
+            let shards = arg(&args, "--shards", 4);
+            let workers = arg(&args, "--workers", 1) as usize;
+            let processes = arg(&args, "--processes", 1) as usize;
+            let runs = arg(&args, "--runs", 1);
+            // Credentials kinesalite accepts, for this process and the cluster's others.
+            for (k, v) in [
+                ("AWS_ACCESS_KEY_ID", "bench"),
+                ("AWS_SECRET_ACCESS_KEY", "bench"),
+                ("AWS_REGION", "us-east-1"),
+            ] {
+                std::env::set_var(k, v);
+            }
+            let file = common::data_file(events);
+            let k = common::Kinesalite::start();
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async {
+                let c = tally::source::kinesis::client(None, Some(&k.endpoint()), true)
+                    .await
+                    .unwrap();
+                c.create_stream()
+                    .stream_name("bench")
+                    .shard_count(shards as i32)
+                    .send()
+                    .await
+                    .unwrap();
+                while tally::source::kinesis::check_stream(&c, "bench").await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                // ACTIVE after kinesalite's 50 ms.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            });
+            let start = Instant::now();
+            let put = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+                .arg("publish")
+                .arg(&file)
+                .args(["--to", "kinesis", "--stream", "bench", "--quiet"])
+                .args(["--endpoint", &k.endpoint()])
+                .status()
+                .unwrap();
+            assert!(put.success(), "publish failed");
+            println!(
+                "kinesis put events={events} shards={shards} seconds={:.2} events_per_s={:.0}",
+                start.elapsed().as_secs_f64(),
+                events as f64 / start.elapsed().as_secs_f64()
+            );
+            let mut spec = tally::source::kinesis::KinesisSpec::new("bench");
+            spec.endpoint = Some(k.endpoint());
+            for _ in 0..runs {
+                let inputs = vec![Input::Kinesis(spec.clone())];
+                let secs = if processes > 1 {
+                    run_cluster(inputs, workers, processes)
+                } else {
+                    run(inputs, workers, |_| {})
+                };
+                println!(
+                    "kinesis read processes={processes} workers={workers} shards={shards} events={events} seconds={secs:.2} events_per_s={:.0}",
+                    events as f64 / secs
                 );
             }
         }

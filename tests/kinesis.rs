@@ -463,6 +463,60 @@ fn throttled_reads_back_off_and_lose_nothing() {
     assert_eq!(meta(&data).counters.records, line_count(&events));
 }
 
+/// `--kinesis-end`: a bounded read. Of records put before and after an instant,
+/// only those that arrived before it are read; each shard read up to it is
+/// checkpointed `end`, so a rerun (with more records put) reads nothing more.
+#[test]
+fn an_end_instant_bounds_the_read() {
+    let (b, tmp, all) = two_shards(&[], "all.jsonl", &["--events", "2000", "--seed", "5"]);
+    let text = std::fs::read_to_string(&all).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let part = |name: &str, ls: &[&str]| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, ls.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+        p
+    };
+    let (before, after) = (
+        part("before.jsonl", &lines[..1200]),
+        part("after.jsonl", &lines[1200..]),
+    );
+    b.k.publish("sales", &before);
+    // kinesalite stamps arrivals with this machine's clock, in milliseconds.
+    std::thread::sleep(Duration::from_millis(1100));
+    let end = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    std::thread::sleep(Duration::from_millis(1100));
+    b.k.publish("sales", &after);
+
+    let data = tmp.path().join("d");
+    conformance::run_to_end(&b, "sales", &data, &["--kinesis-end", &end]);
+    let want = file_outcome(&before, tmp.path(), None);
+    assert_same(&outcome(&data), &want);
+    let m = meta(&data);
+    assert_eq!(m.counters.records, 1200);
+    let ends: Vec<&String> = m
+        .checkpoints
+        .iter()
+        .filter(|(n, _)| n.starts_with("kinesis:sales/"))
+        .map(|(_, c)| c)
+        .collect();
+    assert_eq!(ends, ["end", "end"], "{:?}", m.checkpoints);
+
+    b.k.publish("sales", &after);
+    conformance::run_to_end(&b, "sales", &data, &["--kinesis-end", &end]);
+    assert_eq!(meta(&data).counters.records, 1200);
+    assert_same(&outcome(&data), &want);
+
+    let bad = run_stream(&b, "sales", &data, &["--kinesis-end", "yesterday"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("'yesterday'") && err.contains("--kinesis-end") && err.contains("RFC 3339"),
+        "{err}"
+    );
+}
+
 /// `--kinesis-start latest`: records put before the first start are not read, those
 /// put after are; a restart resumes from the committed sequence numbers (not from
 /// the new latest), so what was put while it was down is read too.

@@ -1,5 +1,5 @@
-//! What the benchmarks share: a `redis-server` on a free loopback port, and the
-//! generated input file. Each benchmark uses its part of it.
+//! What the benchmarks share: a `redis-server` and kinesalite on free loopback
+//! ports, and the generated input file. Each benchmark uses its part of it.
 #![allow(dead_code)]
 
 use std::time::{Duration, Instant};
@@ -92,4 +92,54 @@ pub fn data_file(events: u64) -> std::path::PathBuf {
         std::fs::rename(&tmp, &path).unwrap();
     }
     path
+}
+
+/// kinesalite (scripts/kinesalite.js, from the node_modules `scripts/deps.sh`
+/// installs in `$TALLY_NODE`) on a free loopback port, killed on drop.
+pub struct Kinesalite {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl Kinesalite {
+    pub fn start() -> Kinesalite {
+        let node = std::env::var("TALLY_NODE")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|_| {
+                std::path::PathBuf::from(std::env::var("HOME").expect("HOME"))
+                    .join(".cache/tally-node")
+            });
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("node")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/kinesalite.js"
+            ))
+            .arg(port.to_string())
+            .env("NODE_PATH", node.join("node_modules"))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("node with kinesalite (bash scripts/deps.sh installs it)");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed().as_secs() < 30, "kinesalite did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Kinesalite { child, port }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Kinesalite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -159,6 +159,9 @@ pub enum What {
         /// trim_horizon, latest or an RFC 3339 instant.
         #[arg(long, requires = "kinesis")]
         kinesis_start: Option<String>,
+        /// Replay only records that arrived before this (RFC 3339, Unix ms, now-DURATION).
+        #[arg(long, requires = "kinesis")]
+        kinesis_end: Option<String>,
         /// The lake's compacted days: D or D1..D2.
         #[arg(long, conflicts_with_all = ["paths", "kinesis", "since", "until"])]
         from_archive: Option<String>,
@@ -596,6 +599,7 @@ async fn run(a: QueryArgs, key: MetadataValue<tonic::metadata::Ascii>) -> Result
             paths,
             kinesis,
             kinesis_start,
+            kinesis_end,
             from_archive,
             since,
             until,
@@ -609,6 +613,7 @@ async fn run(a: QueryArgs, key: MetadataValue<tonic::metadata::Ascii>) -> Result
                 paths: paths.clone(),
                 kinesis_stream: kinesis.clone().unwrap_or_default(),
                 kinesis_start: kinesis_start.clone().unwrap_or_default(),
+                kinesis_end: kinesis_end.as_deref().map(instant).transpose()?,
                 from_archive: from_archive.clone().unwrap_or_default(),
                 since: since.as_deref().map(instant).transpose()?,
                 until: until.as_deref().map(instant).transpose()?,

@@ -178,6 +178,11 @@ pub struct KinesisArgs {
     /// the committed sequence numbers.
     #[arg(long, default_value = "trim_horizon", requires = "kinesis")]
     pub kinesis_start: String,
+    /// Read each shard only up to the records that arrived before this RFC 3339
+    /// instant (ApproximateArrivalTimestamp), for a replay of a time range; a shard
+    /// read up to it counts as read to its end. Default: no end.
+    #[arg(long, requires = "kinesis", value_parser = rfc3339_millis)]
+    pub kinesis_end: Option<crate::model::Millis>,
     /// The Kinesis endpoint, for a local server (default: AWS's for the region).
     #[arg(long, env = "TALLY_KINESIS_ENDPOINT", requires = "kinesis")]
     pub kinesis_endpoint: Option<String>,
@@ -199,12 +204,20 @@ impl KinesisArgs {
             .map(|stream| {
                 let mut k = crate::source::kinesis::KinesisSpec::new(stream);
                 k.start = start;
+                k.end = self.kinesis_end;
                 k.endpoint.clone_from(&self.kinesis_endpoint);
                 k.region.clone_from(&self.kinesis_region);
                 Input::Kinesis(k)
             })
             .collect())
     }
+}
+
+/// An RFC 3339 instant as Unix milliseconds (a flag's value).
+fn rfc3339_millis(s: &str) -> Result<crate::model::Millis, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| format!("not an RFC 3339 instant ({e})"))
 }
 
 /// Fluvio topics to read (`run`, `replay`).

@@ -312,8 +312,15 @@ pub fn run(
             source,
         });
     let sources = match remote.and_then(|remote| {
-        Sources::start(&cfg.inputs, &resume, cfg.follow, Arc::clone(&stop), remote)
-            .map_err(RunError::from)
+        Sources::start(
+            &cfg.inputs,
+            &resume,
+            cfg.follow,
+            Arc::clone(&stop),
+            remote,
+            cfg.workers,
+        )
+        .map_err(RunError::from)
     }) {
         Ok(s) => s,
         Err(e) => {

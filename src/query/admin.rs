@@ -75,6 +75,15 @@ fn replay_flags(r: &pb::ReplayRequest) -> Result<Vec<String>, Status> {
         if !r.kinesis_start.is_empty() {
             flags.extend(["--kinesis-start".to_owned(), r.kinesis_start.clone()]);
         }
+        if let Some(t) = &r.kinesis_end {
+            let ms = super::millis(Some(t), "kinesis_end")?;
+            flags.extend([
+                "--kinesis-end".to_owned(),
+                crate::model::window::rfc3339(ms),
+            ]);
+        }
+    } else if r.kinesis_end.is_some() {
+        return bad("kinesis_end needs a kinesis_stream".into());
     }
     for (flag, t) in [("--since", &r.since), ("--until", &r.until)] {
         if let Some(t) = t {

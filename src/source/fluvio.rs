@@ -9,7 +9,7 @@
 //! on the partition (committed with the first epoch), so records that arrive before
 //! a partition's first commit are still read after a restart.
 //!
-//! Reading. One task per partition on a small tokio runtime (in a cluster, spread
+//! Reading. One task per partition on a tokio runtime of `--workers` threads (in a cluster, spread
 //! over the processes: [`super::remote`]). Each fetch streams from
 //! the next offset to the partition's current end (`disable_continuous`); a fetch that
 //! ends with nothing new means the partition is caught up (idle), and the task asks
@@ -199,12 +199,13 @@ impl Reader {
         resume: &Resume,
         names: Names,
         remote: Option<Arc<super::remote::Remote>>,
+        threads: usize,
     ) -> Result<Reader, SourceError> {
         let fail = |reason: String| SourceError::Fluvio {
             topic: spec.topic.clone(),
             reason,
         };
-        let rt = super::merge::runtime("tally-fluvio")
+        let rt = super::merge::runtime("tally-fluvio", threads)
             .map_err(|e| fail(format!("starting its runtime: {e}")))?;
         let fluvio = rt
             .block_on(connect(spec.endpoint.as_deref()))

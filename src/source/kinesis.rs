@@ -11,7 +11,7 @@
 //! start), so a shard without a checkpoint of its own (new since, or without a
 //! committed record yet) starts there, at every restart alike.
 //!
-//! Reading. One task per shard on a small tokio runtime; GetRecords of up to 10,000
+//! Reading. One task per shard on a tokio runtime of `--workers` threads; GetRecords of up to 10,000
 //! records, again at once while the shard is behind (at most five calls a second, the
 //! service's limit per shard), every `poll_interval` once caught up. In a cluster
 //! the shards' tasks are spread over the processes ([`super::remote`]); the
@@ -37,7 +37,9 @@
 //! taken as read.
 //!
 //! End of input (`run --until-eof`): once every shard is read to its end or has
-//! answered empty with nothing behind. Reading goes on until the run stops.
+//! answered empty with nothing behind. With an end instant (`--kinesis-end`), a
+//! shard's first record that arrived at or after it ends the shard: it is not
+//! read, and the shard is checkpointed `end` (a resumed replay reads no further). Reading goes on until the run stops.
 //!
 //! Redelivery: the service's at-least-once reads, and a restart between reading and
 //! committing, re-read records; event-id dedup counts them once.
@@ -98,6 +100,10 @@ pub struct KinesisSpec {
     pub endpoint: Option<String>,
     /// How long a caught-up shard waits before asking again.
     pub poll_interval: Duration,
+    /// Read each shard only up to the records that arrived before this instant
+    /// (their ApproximateArrivalTimestamp): a bounded read, for a replay of a time
+    /// range. A shard read up to it counts as read to its end.
+    pub end: Option<Millis>,
 }
 
 impl KinesisSpec {
@@ -108,6 +114,7 @@ impl KinesisSpec {
             region: None,
             endpoint: None,
             poll_interval: Duration::from_millis(250),
+            end: None,
         }
     }
 
@@ -315,12 +322,13 @@ impl Reader {
         resume: &Resume,
         names: Names,
         remote: Option<Arc<super::remote::Remote>>,
+        threads: usize,
     ) -> Result<Reader, SourceError> {
         let fail = |reason: String| SourceError::Kinesis {
             stream: spec.stream.clone(),
             reason,
         };
-        let rt = super::merge::runtime("tally-kinesis")
+        let rt = super::merge::runtime("tally-kinesis", threads)
             .map_err(|e| fail(format!("starting its runtime: {e}")))?;
         let client = rt
             .block_on(client(
@@ -689,11 +697,22 @@ async fn read_shard(
                         backoff = BACKOFF_MIN;
                         let behind = out.millis_behind_latest.unwrap_or(0);
                         lag.set(behind as f64 / 1000.0);
-                        let empty = out.records.is_empty();
-                        if let Some(last) = out.records.last() {
+                        let mut records = out.records;
+                        let empty = records.is_empty();
+                        // With an end instant: the records that arrived before it.
+                        let past_end = ctx.spec.end.and_then(|end| {
+                            records.iter().position(|r| {
+                                r.approximate_arrival_timestamp
+                                    .and_then(|t| t.to_millis().ok())
+                                    .is_some_and(|t| t >= end)
+                            })
+                        });
+                        if let Some(cut) = past_end {
+                            records.truncate(cut);
+                        }
+                        if let Some(last) = records.last() {
                             from = From::After(last.sequence_number.clone());
-                            let lines: Vec<(Line, String)> = out
-                                .records
+                            let lines: Vec<(Line, String)> = records
                                 .into_iter()
                                 .map(|r| {
                                     let raw = r.data.into_inner();
@@ -717,6 +736,12 @@ async fn read_shard(
                             if report.send(Report::Batch(shard.clone(), lines)).is_err() {
                                 return;
                             }
+                        }
+                        if past_end.is_some() {
+                            tracing::debug!(stream = %ctx.spec.stream, %shard, "read up to the end instant");
+                            lag.set(0.0);
+                            let _ = report.send(Report::Ended(shard));
+                            return;
                         }
                         match out.next_shard_iterator {
                             None => {

@@ -177,10 +177,10 @@ pub(super) fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.5 + f64::from(r) / (2.0 * (f64::from(u32::MAX) + 1.0)))
 }
 
-/// A one-thread runtime for a partitioned source's tasks.
-pub(super) fn runtime(name: &str) -> std::io::Result<tokio::runtime::Runtime> {
+/// A runtime of `threads` threads for a partitioned source's tasks.
+pub(super) fn runtime(name: &str, threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(threads.max(1))
         .thread_name(name)
         .enable_all()
         .build()

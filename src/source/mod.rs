@@ -148,14 +148,16 @@ impl Sources {
     /// Expands inputs and starts one reader thread per input. A Kinesis stream is
     /// checked here (it exists, it can be read), so a bad one fails the start.
     ///
-    /// In a cluster, `remote` holds the links to the other processes: the partitions of
-    /// a Kinesis stream or a Fluvio topic are then read over all of them.
+    /// The partitions of a Kinesis stream or a Fluvio topic are read by tasks on
+    /// `threads` threads; in a cluster, `remote` holds the links to the other
+    /// processes, and the tasks are spread over all of them.
     pub fn start(
         inputs: &[Input],
         resume: &Resume,
         follow: bool,
         stop: Arc<AtomicBool>,
         remote: Option<Arc<remote::Remote>>,
+        threads: usize,
     ) -> Result<Sources, SourceError> {
         let registry = Names::default();
         let mut plans: Vec<Vec<(u32, Unit, u64)>> = Vec::new();
@@ -167,13 +169,23 @@ impl Sources {
             };
             match input {
                 Input::Kinesis(spec) => {
-                    let reader =
-                        kinesis::Reader::open(spec, resume, registry.clone(), remote.clone())?;
+                    let reader = kinesis::Reader::open(
+                        spec,
+                        resume,
+                        registry.clone(),
+                        remote.clone(),
+                        threads,
+                    )?;
                     add(spec.source_name(), Unit::Kinesis(Box::new(reader)))
                 }
                 Input::Fluvio(spec) => {
-                    let reader =
-                        fluvio::Reader::open(spec, resume, registry.clone(), remote.clone())?;
+                    let reader = fluvio::Reader::open(
+                        spec,
+                        resume,
+                        registry.clone(),
+                        remote.clone(),
+                        threads,
+                    )?;
                     add(spec.source_name(), Unit::Fluvio(Box::new(reader)))
                 }
                 Input::Stdin => add("-".into(), Unit::Stdin),
