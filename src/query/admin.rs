@@ -76,11 +76,13 @@ fn replay_flags(r: &pb::ReplayRequest) -> Result<Vec<String>, Status> {
             flags.extend(["--kinesis-start".to_owned(), r.kinesis_start.clone()]);
         }
         if let Some(t) = &r.kinesis_end {
+            // To the millisecond: window boundaries (since, until) are whole seconds, an
+            // arrival instant need not be.
             let ms = super::millis(Some(t), "kinesis_end")?;
-            flags.extend([
-                "--kinesis-end".to_owned(),
-                crate::model::window::rfc3339(ms),
-            ]);
+            let end = chrono::DateTime::from_timestamp_millis(ms)
+                .expect("millis() bounds the range")
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            flags.extend(["--kinesis-end".to_owned(), end]);
         }
     } else if r.kinesis_end.is_some() {
         return bad("kinesis_end needs a kinesis_stream".into());
@@ -351,5 +353,86 @@ impl Admin for AdminService {
                 .await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> pb::ReplayRequest {
+        pb::ReplayRequest {
+            into: "bf1".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn replay_requests_become_the_flags_of_tally_replay() {
+        let r = pb::ReplayRequest {
+            kinesis_stream: "sales".into(),
+            kinesis_start: "latest".into(),
+            kinesis_end: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000,
+                nanos: 250_000_000,
+            }),
+            providers: vec!["claro".into()],
+            swap: true,
+            ..request()
+        };
+        assert_eq!(
+            replay_flags(&r).unwrap(),
+            [
+                "--into",
+                "bf1",
+                "--kinesis",
+                "sales",
+                "--kinesis-start",
+                "latest",
+                "--kinesis-end",
+                "2023-11-14T22:13:20.250Z",
+                "--provider",
+                "claro",
+                "--swap"
+            ]
+        );
+        let files = pb::ReplayRequest {
+            paths: vec!["a.jsonl".into(), "dir".into()],
+            ..request()
+        };
+        assert_eq!(
+            replay_flags(&files).unwrap(),
+            ["--into", "bf1", "--", "a.jsonl", "dir"]
+        );
+
+        let refused = |r: pb::ReplayRequest, why: &str| {
+            let e = replay_flags(&r).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().contains(why), "{}", e.message());
+        };
+        refused(
+            pb::ReplayRequest {
+                paths: vec!["a".into()],
+                kinesis_end: Some(prost_types::Timestamp::default()),
+                ..request()
+            },
+            "kinesis_end needs a kinesis_stream",
+        );
+        refused(
+            pb::ReplayRequest {
+                paths: vec!["--swap".into()],
+                ..request()
+            },
+            "starts with '-'",
+        );
+        refused(
+            pb::ReplayRequest {
+                into: "../x".into(),
+                paths: vec!["a".into()],
+                ..Default::default()
+            },
+            "must be non-empty",
+        );
+        refused(request(), "nothing to replay");
     }
 }
