@@ -5,8 +5,8 @@
 //! Process 0 is the leader: it reads the inputs, cuts epochs, holds the staging log
 //! and is the one committer. (A Kinesis stream's shards and a Fluvio topic's
 //! partitions are read over every process and sent to it over reader links, see
-//! [`crate::source::remote`]; it merges them.) Its records enter the dataflow on its own workers and
-//! the first exchange (by event id) spreads them over the whole cluster; each
+//! [`crate::source::remote`]; it merges them.) Its records enter the dataflow on
+//! its own workers and the first exchange (by event id) spreads them over the whole cluster; each
 //! epoch's outputs are exchanged back to worker 0, whose process commits them. The
 //! other processes only compute; their state is rebuilt at every start by the
 //! leader's replay of the staging log, like a single process's.

@@ -9,8 +9,8 @@
 //! on the partition (committed with the first epoch), so records that arrive before
 //! a partition's first commit are still read after a restart.
 //!
-//! Reading. One task per partition on a tokio runtime of `--workers` threads (in a cluster, spread
-//! over the processes: [`super::remote`]). Each fetch streams from
+//! Reading. One task per partition on a tokio runtime of `--workers` threads (in a
+//! cluster, spread over the processes: [`super::remote`]). Each fetch streams from
 //! the next offset to the partition's current end (`disable_continuous`); a fetch that
 //! ends with nothing new means the partition is caught up (idle), and the task asks
 //! again every `poll_interval`. Connection and fetch failures back off (doubling,

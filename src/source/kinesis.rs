@@ -11,14 +11,14 @@
 //! start), so a shard without a checkpoint of its own (new since, or without a
 //! committed record yet) starts there, at every restart alike.
 //!
-//! Reading. One task per shard on a tokio runtime of `--workers` threads; GetRecords of up to 10,000
-//! records, again at once while the shard is behind (at most five calls a second, the
-//! service's limit per shard), every `poll_interval` once caught up. In a cluster
-//! the shards' tasks are spread over the processes ([`super::remote`]); the
-//! coordinator and the merge stay on process 0. Throttling and
-//! transient failures back off (doubling, 0.2 s to 10 s, jittered) and retry; an
-//! expired iterator is renewed from the last record read. A task reads at most
-//! [`READ_AHEAD`] batches ahead of the merge.
+//! Reading. One task per shard on a tokio runtime of `--workers` threads;
+//! GetRecords of up to 10,000 records, again at once while the shard is behind (at
+//! most five calls a second, the service's limit per shard), every `poll_interval`
+//! once caught up. In a cluster the shards' tasks are spread over the processes
+//! ([`super::remote`]); the coordinator and the merge stay on process 0.
+//! Throttling and transient failures back off (doubling, 0.2 s to 10 s, jittered)
+//! and retry; an expired iterator is renewed from the last record read. A task reads
+//! at most [`READ_AHEAD`] batches ahead of the merge.
 //!
 //! Merging (watermark alignment). The coordinator merges the shards' records by
 //! event time: the next record out is the oldest of the shards' next records, and
@@ -39,7 +39,8 @@
 //! End of input (`run --until-eof`): once every shard is read to its end or has
 //! answered empty with nothing behind. With an end instant (`--kinesis-end`), a
 //! shard's first record that arrived at or after it ends the shard: it is not
-//! read, and the shard is checkpointed `end` (a resumed replay reads no further). Reading goes on until the run stops.
+//! read, and the shard is checkpointed `end` (a resumed replay reads no further).
+//! Reading goes on until the run stops.
 //!
 //! Redelivery: the service's at-least-once reads, and a restart between reading and
 //! committing, re-read records; event-id dedup counts them once.
