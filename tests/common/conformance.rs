@@ -10,7 +10,7 @@
 //!   new ones refused for a few seconds) backs off, reconnects and ends with the
 //!   same export, every record once;
 //! - scale-out: a cluster of 2 processes x 2 workers reads the partitions on both
-//!   processes and gives the same export.
+//!   processes, stops on a SIGTERM mid-stream, resumes, and gives the same export.
 
 use super::cluster::{finish, hosts_file, process, stderr};
 use super::proxy::Proxy;
@@ -199,35 +199,58 @@ pub fn reconnects_after_a_network_cut(b: &dyn Broker) -> String {
     log
 }
 
-/// Scale-out: 4 partitions read by 2 processes x 2 workers, two on each.
+/// Scale-out: 4 partitions read by 2 processes x 2 workers, two on each. The
+/// cluster is first stopped by a SIGTERM of process 0 mid-stream (both processes
+/// exit 0, having committed what they read), then started again to the end.
 pub fn spreads_over_a_cluster(b: &dyn Broker) {
-    let p = published(b, "cluster", 4, "30000");
+    let p = published(b, "cluster", 4, "60000");
     let hosts = hosts_file(p.tmp.path(), 2);
     let data = p.tmp.path().join("cluster");
     let addr = b.addr();
     let mut read = b.read_args(&p.name, &addr);
-    read.extend([
-        "--until-eof".into(),
-        "--data-dir".into(),
-        data.display().to_string(),
-    ]);
+    read.extend(["--data-dir".into(), data.display().to_string()]);
     let read: Vec<&str> = read.iter().map(String::as_str).collect();
     // Where each partition is read shows in the logs (info); the credentials reach
     // both processes through the environment, as in a deployment.
-    let follower = process(&hosts, 2, 1, 2, &[])
-        .envs(b.env())
-        .env("TALLY_LOG", "info")
-        .spawn()
+    let start = |extra: &[&str]| {
+        let follower = process(&hosts, 2, 1, 2, &[])
+            .envs(b.env())
+            .env("TALLY_LOG", "info")
+            .spawn()
+            .unwrap();
+        let leader = process(&hosts, 2, 0, 2, &[&read[..], extra].concat())
+            .envs(b.env())
+            .env("TALLY_LOG", "info")
+            .spawn()
+            .unwrap();
+        (leader, follower)
+    };
+    let finished = |leader, follower, what: &str| {
+        let l = finish(leader, "the leader", Duration::from_secs(180));
+        assert!(l.status.success(), "leader failed {what}: {}", stderr(&l));
+        let f = finish(follower, "the follower", Duration::from_secs(30));
+        assert!(f.status.success(), "follower failed {what}: {}", stderr(&f));
+        (l, f)
+    };
+
+    let (leader, follower) = start(&[]);
+    wait_for("a first commit", Duration::from_secs(120), || {
+        committed(&data) > 0
+    });
+    Command::new("kill")
+        .args(["-TERM", &leader.id().to_string()])
+        .status()
         .unwrap();
-    let leader = process(&hosts, 2, 0, 2, &read)
-        .envs(b.env())
-        .env("TALLY_LOG", "info")
-        .spawn()
-        .unwrap();
-    let l = finish(leader, "the leader", Duration::from_secs(180));
-    assert!(l.status.success(), "leader failed: {}", stderr(&l));
-    let f = finish(follower, "the follower", Duration::from_secs(30));
-    assert!(f.status.success(), "follower failed: {}", stderr(&f));
+    finished(leader, follower, "after SIGTERM");
+    let stopped = committed(&data);
+    assert!(
+        stopped < p.lines,
+        "SIGTERM landed mid-run: {stopped} of {} committed",
+        p.lines
+    );
+
+    let (leader, follower) = start(&["--until-eof"]);
+    let (l, f) = finished(leader, follower, "resuming");
     p.assert_exact(b, &data);
 
     let prefix = b.partition_prefix(&p.name);
