@@ -137,6 +137,15 @@ fn run_cluster(inputs: Vec<Input>, workers: usize, processes: usize) -> f64 {
     secs
 }
 
+/// [`run`] in one process, or [`run_cluster`] over `processes`: seconds.
+fn run_shape(inputs: Vec<Input>, workers: usize, processes: usize) -> f64 {
+    if processes > 1 {
+        run_cluster(inputs, workers, processes)
+    } else {
+        run(inputs, workers, |_| {})
+    }
+}
+
 fn run_in(
     store: StoreConfig,
     inputs: Vec<Input>,
@@ -189,12 +198,7 @@ fn main() {
             let processes = arg(&args, "--processes", 1) as usize;
             let file = common::data_file(events);
             for _ in 0..runs {
-                let inputs = vec![Input::Path(file.clone())];
-                let secs = if processes > 1 {
-                    run_cluster(inputs, workers, processes)
-                } else {
-                    run(inputs, workers, |_| {})
-                };
+                let secs = run_shape(vec![Input::Path(file.clone())], workers, processes);
                 println!(
                     "throughput processes={processes} workers={workers} events={events} seconds={secs:.2} events_per_s={:.0} per_worker={:.0} peak_rss_mb={}",
                     events as f64 / secs,
@@ -253,12 +257,7 @@ fn main() {
             let mut spec = tally::source::kinesis::KinesisSpec::new("bench");
             spec.endpoint = Some(k.endpoint());
             for _ in 0..runs {
-                let inputs = vec![Input::Kinesis(spec.clone())];
-                let secs = if processes > 1 {
-                    run_cluster(inputs, workers, processes)
-                } else {
-                    run(inputs, workers, |_| {})
-                };
+                let secs = run_shape(vec![Input::Kinesis(spec.clone())], workers, processes);
                 println!(
                     "kinesis read processes={processes} workers={workers} shards={shards} events={events} seconds={secs:.2} events_per_s={:.0}",
                     events as f64 / secs

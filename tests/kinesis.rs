@@ -463,6 +463,17 @@ fn throttled_reads_back_off_and_lose_nothing() {
     assert_eq!(meta(&data).counters.records, line_count(&events));
 }
 
+/// `lines` written to `dir/name` as a JSON Lines file.
+fn part(dir: &Path, name: &str, lines: &[&str]) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(
+        &p,
+        lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .unwrap();
+    p
+}
+
 /// `--kinesis-end`: a bounded read. Of records put before and after an instant,
 /// only those that arrived before it are read; each shard read up to it is
 /// checkpointed `end`, so a rerun (with more records put) reads nothing more.
@@ -471,11 +482,7 @@ fn an_end_instant_bounds_the_read() {
     let (b, tmp, all) = two_shards(&[], "all.jsonl", &["--events", "2000", "--seed", "5"]);
     let text = std::fs::read_to_string(&all).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    let part = |name: &str, ls: &[&str]| {
-        let p = tmp.path().join(name);
-        std::fs::write(&p, ls.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
-        p
-    };
+    let part = |name: &str, ls: &[&str]| part(tmp.path(), name, ls);
     let (before, after) = (
         part("before.jsonl", &lines[..1200]),
         part("after.jsonl", &lines[1200..]),
@@ -526,11 +533,7 @@ fn latest_starts_at_the_first_run_and_restarts_resume() {
     let k = &b.k;
     let text = std::fs::read_to_string(&all).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    let part = |name: &str, ls: &[&str]| {
-        let p = tmp.path().join(name);
-        std::fs::write(&p, ls.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
-        p
-    };
+    let part = |name: &str, ls: &[&str]| part(tmp.path(), name, ls);
     let (old, new) = (
         part("old.jsonl", &lines[..1000]),
         part("new.jsonl", &lines[1000..2000]),

@@ -281,35 +281,31 @@ impl Drop for Remote {
 /// Hands a reader's report to its partition's merge.
 fn take(tasks: &Mutex<HashMap<u64, Placed>>, m: ToLeader) {
     let mut tasks = tasks.lock().unwrap_or_else(|p| p.into_inner());
-    let (task, report, done) = match m {
+    match m {
         ToLeader::Batch { task, lines } => {
-            if let (Some(p), Some((last, _))) = (tasks.get(&task), lines.last()) {
-                if let Some(at) = &p.progress {
-                    at.store(last.end, Ordering::Relaxed);
-                }
+            let Some(p) = tasks.get(&task) else { return };
+            if let (Some(at), Some((last, _))) = (&p.progress, lines.last()) {
+                at.store(last.end, Ordering::Relaxed);
             }
-            (task, Some(lines), false)
+            let _ = p.report.send(Report::Batch(p.id.clone(), lines));
         }
-        ToLeader::Idle { task } => (task, None, false),
-        ToLeader::Ended { task } => (task, None, true),
+        ToLeader::Idle { task } => {
+            if let Some(p) = tasks.get(&task) {
+                let _ = p.report.send(Report::Idle(p.id.clone()));
+            }
+        }
+        // The task is done either way: its permits go with it.
+        ToLeader::Ended { task } => {
+            if let Some(p) = tasks.remove(&task) {
+                p.permits.close();
+                let _ = p.report.send(Report::Ended(p.id));
+            }
+        }
         ToLeader::Failed { task, reason } => {
             if let Some(p) = tasks.remove(&task) {
                 p.permits.close();
                 let _ = p.report.send(Report::Failed(reason));
             }
-            return;
-        }
-    };
-    let Some(p) = tasks.get(&task) else { return };
-    let r = match report {
-        Some(lines) => Report::Batch(p.id.clone(), lines),
-        None if done => Report::Ended(p.id.clone()),
-        None => Report::Idle(p.id.clone()),
-    };
-    let _ = p.report.send(r);
-    if done {
-        if let Some(p) = tasks.remove(&task) {
-            p.permits.close();
         }
     }
 }
