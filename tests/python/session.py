@@ -17,6 +17,7 @@ Runs a scripted session against a running server and prints one JSON document:
 import json
 import os
 import sys
+import time
 import tempfile
 import threading
 import importlib.resources
@@ -51,8 +52,15 @@ def main():
     grpc.channel_ready_future(channel).result(timeout=30)
     result = {}
 
+    # Readiness is eventual, as for any probe: the server turns SERVING once its
+    # store is open (checked every 200 ms). Ask until it does, for at most 10 s.
     health = health_pb2_grpc.HealthStub(channel)
-    status = health.Check(health_pb2.HealthCheckRequest(service="tally.v1.Query"), timeout=10)
+    deadline = time.monotonic() + 10
+    while True:
+        status = health.Check(health_pb2.HealthCheckRequest(service="tally.v1.Query"), timeout=10)
+        if status.status == health_pb2.HealthCheckResponse.SERVING or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     result["health"] = health_pb2.HealthCheckResponse.ServingStatus.Name(status.status)
 
     refl = reflection_pb2_grpc.ServerReflectionStub(channel)
