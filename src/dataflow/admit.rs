@@ -8,9 +8,12 @@
 //! - seen with the same fingerprint: a redelivery, dropped silently.
 //! - seen with another fingerprint: `conflicting_duplicate`; the first copy stands.
 //!
-//! Ids are held as 128-bit digests. An id is forgotten once its event time is more than the dedup horizon behind the clock.
+//! Ids are held as 128-bit digests. An id is forgotten once its event time is more than
+//! the dedup horizon behind the clock; the voids stage forgets it with it (`Forgotten`).
 
-use super::{epochs, id_digest, keyed, route, DeadLetter, Epoch, Expiry, Out, Record, Rules};
+use super::{
+    epochs, id_digest, keyed, route, DeadLetter, Epoch, Expiry, Forgotten, Out, Record, Rules,
+};
 use crate::decode::Reason;
 use crate::model::{Kind, Millis};
 use std::collections::HashMap;
@@ -20,6 +23,7 @@ pub(super) fn admit<'s>(
     records: Stream<'s, Epoch, Vec<Record>>,
     clock: Stream<'s, Epoch, Vec<Millis>>,
     rules: Rules,
+    forgotten: Forgotten,
 ) -> (Stream<'s, Epoch, Vec<Record>>, Stream<'s, Epoch, Vec<Out>>) {
     // event_id digest -> fingerprint of the first copy.
     let mut seen: HashMap<super::Digest, u64, ahash::RandomState> = HashMap::default();
@@ -29,7 +33,7 @@ pub(super) fn admit<'s>(
         clock,
         keyed(|r: &Record| route(r.event.event_id.as_bytes())),
         "Admit",
-        move |_epoch, mut batch: Vec<Record>, clock, out: &mut Vec<Result<Record, Out>>| {
+        move |epoch, mut batch: Vec<Record>, clock, out: &mut Vec<Result<Record, Out>>| {
             let held = seen.len();
             batch.sort_unstable_by_key(|r| r.pos);
             for r in batch {
@@ -49,9 +53,11 @@ pub(super) fn admit<'s>(
                     }
                 }
             }
-            for id in expiry.due(clock) {
-                seen.remove(&id);
+            let due = expiry.due(clock);
+            for id in &due {
+                seen.remove(id);
             }
+            forgotten.put(epoch, due);
             super::track_state("admit", held, seen.len());
         },
     );

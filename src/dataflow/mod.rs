@@ -127,14 +127,30 @@ pub struct Rules {
     /// Whether the voids stage tells each change to the counted set as an [`Out::Fact`]
     /// (for the archive's staging; see `archive::facts`).
     pub archive: bool,
+    /// The attributes some view groups or ranks by: the only ones a counted target
+    /// keeps in the voids stage's state (its other attributes no row reads).
+    pub attrs: Arc<[String]>,
 }
 
 impl Rules {
     pub fn of(p: &Pipeline) -> Rules {
+        use crate::pipeline::GroupField;
+        let mut attrs: Vec<String> = p
+            .views
+            .iter()
+            .flat_map(|v| v.group_by.iter().chain(v.top_k.as_ref().map(|t| &t.key)))
+            .filter_map(|f| match f {
+                GroupField::Attr(n) => Some(n.clone()),
+                _ => None,
+            })
+            .collect();
+        attrs.sort();
+        attrs.dedup();
         Rules {
             lateness: p.allowed_lateness.as_millis() as Millis,
             horizon: p.dedup_horizon.as_millis() as Millis,
             archive: p.archive.enabled,
+            attrs: attrs.into(),
         }
     }
 }
@@ -362,8 +378,10 @@ fn build<'s>(
 ) -> Stream<'s, Epoch, Vec<Out>> {
     let rules = Rules::of(p);
     let plan = Arc::new(aggregate::Plan::new(p));
-    let (accepted, dead) = admit::admit(records, clock.clone(), rules.clone());
-    let (counted, void_out) = voids::voids(accepted, clock.clone(), rules.clone());
+    // The ids admission forgot per epoch, which the voids stage forgets too (see Forgotten).
+    let forgotten = Forgotten::default();
+    let (accepted, dead) = admit::admit(records, clock.clone(), rules.clone(), forgotten.clone());
+    let (counted, void_out) = voids::voids(accepted, clock.clone(), rules.clone(), forgotten);
     let partial = aggregate::explode(counted, clock.clone(), Arc::clone(&plan));
     let rows = aggregate::rows(partial, clock, plan, rules);
     use timely::dataflow::operators::Concat;
@@ -472,6 +490,31 @@ where
     Exchange::new(move |x: &I| key(x))
 }
 
+/// The ids admission forgot at the end of each epoch, handed on to the voids stage of
+/// the same worker: both stages key an event by its id (the same route), and the voids
+/// stage holds a target for exactly as long as admission remembers its id (its event
+/// time plus the dedup horizon), so one expiry queue serves both. Admission runs an
+/// epoch before the voids stage does (the voids stage reads its output), so each
+/// epoch's list is there when the voids stage reaches that epoch; it takes it then.
+#[derive(Clone, Default)]
+pub(crate) struct Forgotten(std::rc::Rc<std::cell::RefCell<BTreeMap<Epoch, Vec<Digest>>>>);
+
+impl Forgotten {
+    pub fn put(&self, epoch: Epoch, ids: Vec<Digest>) {
+        if !ids.is_empty() {
+            self.0.borrow_mut().insert(epoch, ids);
+        }
+    }
+
+    /// The ids forgotten at `epoch` (and at any earlier epoch not yet taken).
+    pub fn take(&self, epoch: Epoch) -> Vec<Digest> {
+        let mut lists = self.0.borrow_mut();
+        let later = lists.split_off(&(epoch + 1));
+        let due = std::mem::replace(&mut *lists, later);
+        due.into_values().flatten().collect()
+    }
+}
+
 /// Keys that leave state at an event time, exactly: buckets of one minute holding
 /// (offset in the minute, key), so an entry costs its key plus 4 bytes and whole
 /// minutes leave at once; only the minute the clock is in is checked entry by entry.
@@ -479,7 +522,7 @@ pub(crate) struct Expiry<K> {
     buckets: BTreeMap<i64, Vec<(u32, K)>>,
 }
 
-const BUCKET: Millis = 60_000;
+pub(crate) const BUCKET: Millis = 60_000;
 
 impl<K> Default for Expiry<K> {
     fn default() -> Self {

@@ -14,13 +14,16 @@
 //! Targets and waiting voids leave state once their event time is more than the dedup
 //! horizon behind the clock. Leaving emits nothing: committed windows never change.
 
-use super::{epochs, id_digest, keyed, route, DeadLetter, Epoch, Expiry, Fact, Out, Record, Rules};
+use super::{
+    epochs, id_digest, keyed, route, DeadLetter, Epoch, Expiry, Fact, Forgotten, Out, Record,
+    Rules, BUCKET,
+};
 use crate::decode::Reason;
 use crate::model::{Event, Kind, Millis, Position};
 use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use timely::dataflow::Stream;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -47,19 +50,119 @@ impl Visit {
     }
 }
 
-/// What is known under one id. 40 bytes; a counted target adds its packed event.
+/// What is known under one id. 32 bytes; a counted target adds its packed event (in
+/// the [`Arena`]).
 enum Slot {
     /// Voids waiting for a target that has not come.
     Waiting(Vec<Waiting>),
     /// A void, as a possible target (of another void).
     Void { ts: Millis },
-    /// A sale or refund: its provider (digest) and, while it counts, its packed event
-    /// so a later void can uncount it.
+    /// A sale or refund: its provider (digest) and, while it counts, where its packed
+    /// event is, so a later void can uncount it.
     Sale {
         ts: Millis,
         provider: u64,
-        counted: Option<Box<[u8]>>,
+        counted: Option<Loc>,
     },
+}
+
+/// Where a packed event is in the [`Arena`].
+#[derive(Clone, Copy, Debug)]
+struct Loc {
+    offset: u32,
+    len: u32,
+}
+
+/// The packed events of counted targets, in one buffer per minute of the time they are
+/// forgotten at (event time plus the dedup horizon, the minute the expiry queue forgets
+/// their slots in): no allocation per event, and a minute's leave together once the
+/// clock has passed it. A buffer is shrunk to fit once no event can be written to it
+/// any more (counted events are never late: see `close`).
+#[derive(Default)]
+struct Arena {
+    minutes: BTreeMap<i64, Vec<u8>>,
+    /// Minutes below this one have been shrunk.
+    open_from: i64,
+    /// Events that did not fit a minute's buffer (4 GiB): by their id.
+    overflow: HashMap<super::Digest, Box<[u8]>, ahash::RandomState>,
+}
+
+/// `Loc::len` of an event kept in `Arena::overflow`.
+const OVERFLOW: u32 = u32::MAX;
+
+impl Arena {
+    fn minute(forget_at: Millis) -> i64 {
+        forget_at.div_euclid(BUCKET)
+    }
+
+    /// Appends what `write` writes to the buffer of the minute `forget_at` is in.
+    fn put(
+        &mut self,
+        id: super::Digest,
+        forget_at: Millis,
+        write: impl FnOnce(&mut Vec<u8>),
+    ) -> Loc {
+        let buf = self.minutes.entry(Self::minute(forget_at)).or_default();
+        let start = buf.len();
+        write(buf);
+        match (u32::try_from(start), u32::try_from(buf.len() - start)) {
+            (Ok(offset), Ok(len)) if len < OVERFLOW && offset.checked_add(len).is_some() => {
+                Loc { offset, len }
+            }
+            _ => {
+                let bytes = buf.split_off(start);
+                self.overflow.insert(id, bytes.into_boxed_slice());
+                Loc {
+                    offset: 0,
+                    len: OVERFLOW,
+                }
+            }
+        }
+    }
+
+    fn get(&self, id: &super::Digest, forget_at: Millis, at: Loc) -> &[u8] {
+        let bytes = if at.len == OVERFLOW {
+            self.overflow.get(id).map(|b| &b[..])
+        } else {
+            let start = at.offset as usize;
+            self.minutes
+                .get(&Self::minute(forget_at))
+                .and_then(|buf| buf.get(start..start + at.len as usize))
+        };
+        bytes.expect("a counted target's packed event is kept until it is forgotten")
+    }
+
+    /// The event at `at` is no longer needed (uncounted, or forgotten). Bytes in a
+    /// minute's buffer stay until the minute leaves.
+    fn release(&mut self, id: &super::Digest, at: Loc) {
+        if at.len == OVERFLOW {
+            self.overflow.remove(id);
+        }
+    }
+
+    /// After an epoch whose clock is `clock`: drops the minutes the clock has passed
+    /// (their slots are forgotten by now), and shrinks those no event can be written to
+    /// any more. A counted event is not late, so its time is at least the clock minus
+    /// the allowed lateness, and it is forgotten at that plus the horizon or later.
+    fn close(&mut self, clock: Millis, rules: &Rules) {
+        while let Some(e) = self.minutes.first_entry() {
+            if e.key().saturating_add(1).saturating_mul(BUCKET) > clock {
+                break;
+            }
+            e.remove();
+        }
+        let first_open = Self::minute(
+            clock
+                .saturating_sub(rules.lateness)
+                .saturating_add(rules.horizon),
+        );
+        if first_open > self.open_from {
+            for (_, buf) in self.minutes.range_mut(self.open_from..first_open) {
+                buf.shrink_to_fit();
+            }
+            self.open_from = first_open;
+        }
+    }
 }
 
 fn provider_digest(p: &str) -> u64 {
@@ -80,7 +183,9 @@ struct Packed<'a> {
     attrs: Vec<(&'a str, &'a str)>,
 }
 
-fn pack(e: &Event) -> Box<[u8]> {
+/// Packs what rows read of a counted event onto `buf`: of its attributes only those in
+/// `attrs`.
+fn pack(e: &Event, attrs: &[String], buf: &mut Vec<u8>) {
     use bincode::Options;
     let p = Packed {
         provider: &e.provider_id,
@@ -93,13 +198,13 @@ fn pack(e: &Event) -> Box<[u8]> {
         attrs: e
             .attrs
             .iter()
+            .filter(|(k, _)| attrs.iter().any(|a| a == k.as_str()))
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect(),
     };
     bincode::DefaultOptions::new()
-        .serialize(&p)
-        .expect("events encode")
-        .into_boxed_slice()
+        .serialize_into(buf, &p)
+        .expect("events encode");
 }
 
 /// The event back, with empty ids (rows do not use them).
@@ -151,6 +256,7 @@ pub(super) fn voids<'s>(
     accepted: Stream<'s, Epoch, Vec<Record>>,
     clock: Stream<'s, Epoch, Vec<Millis>>,
     rules: Rules,
+    forgotten: Forgotten,
 ) -> (Stream<'s, Epoch, Vec<Counted>>, Stream<'s, Epoch, Vec<Out>>) {
     use timely::dataflow::operators::core::{Map, OkErr};
     let visits = accepted.flat_map(|r: Record| {
@@ -159,13 +265,15 @@ pub(super) fn voids<'s>(
     });
     // Target id digest -> what is known under it.
     let mut slots: HashMap<super::Digest, Slot, ahash::RandomState> = HashMap::default();
+    // Waiting voids leave by this queue; registered ids by admission's (`forgotten`).
     let mut expiry: Expiry<super::Digest> = Expiry::default();
+    let mut arena = Arena::default();
     let resolved = epochs(
         visits,
         clock,
         keyed(|v: &Visit| route(v.key().as_bytes())),
         "Voids",
-        move |_epoch, mut batch: Vec<Visit>, clock, out: &mut Vec<Result<Counted, Out>>| {
+        move |epoch, mut batch: Vec<Visit>, clock, out: &mut Vec<Result<Counted, Out>>| {
             let held = slots.len();
             batch.sort_unstable_by_key(Visit::order);
             for v in batch {
@@ -175,22 +283,35 @@ pub(super) fn voids<'s>(
                     .or_insert_with(|| Slot::Waiting(Vec::new()));
                 match v {
                     Visit::Register(r) => {
-                        expiry.at(r.event.ts.saturating_add(rules.horizon), key);
-                        *slot = register(slot, r.event, r.pos, rules.archive, out);
+                        if let Slot::Sale {
+                            counted: Some(at), ..
+                        } = slot
+                        {
+                            arena.release(&key, *at);
+                        }
+                        *slot = register(slot, key, r.event, r.pos, &rules, &mut arena, out);
                     }
                     Visit::Cancel(r) => {
                         if matches!(slot, Slot::Waiting(_)) {
                             expiry.at(r.event.ts.saturating_add(rules.horizon), key);
                         }
-                        cancel(slot, r, rules.archive, out);
+                        cancel(slot, key, r, &rules, &mut arena, out);
                     }
                 }
             }
-            for key in expiry.due(clock) {
+            let mut due = expiry.due(clock);
+            due.extend(forgotten.take(epoch));
+            for key in due {
                 let gone = |ts: Millis| ts.saturating_add(rules.horizon) < clock;
                 let empty = match slots.get_mut(&key) {
                     None => false,
-                    Some(Slot::Void { ts }) | Some(Slot::Sale { ts, .. }) => gone(*ts),
+                    Some(Slot::Void { ts }) => gone(*ts),
+                    Some(Slot::Sale { ts, counted, .. }) => {
+                        if let (true, Some(at)) = (gone(*ts), counted) {
+                            arena.release(&key, *at);
+                        }
+                        gone(*ts)
+                    }
                     Some(Slot::Waiting(list)) => {
                         list.retain(|w| {
                             if gone(w.ts) {
@@ -207,6 +328,7 @@ pub(super) fn voids<'s>(
                     slots.remove(&key);
                 }
             }
+            arena.close(clock, &rules);
             super::track_state("voids", held, slots.len());
         },
     );
@@ -217,11 +339,14 @@ pub(super) fn voids<'s>(
 /// `archive`, a counted event and the void that cancels it are also told as facts.
 fn register(
     slot: &mut Slot,
+    key: super::Digest,
     event: Box<Event>,
     pos: Position,
-    archive: bool,
+    rules: &Rules,
+    arena: &mut Arena,
     out: &mut Vec<Result<Counted, Out>>,
 ) -> Slot {
+    let archive = rules.archive;
     let waiting = match std::mem::replace(slot, Slot::Void { ts: 0 }) {
         Slot::Waiting(list) => list,
         // An id again after the horizon forgot it: a new event.
@@ -257,7 +382,9 @@ fn register(
             counted: None,
         }
     } else {
-        let packed = pack(&event);
+        let packed = arena.put(key, ts.saturating_add(rules.horizon), |buf| {
+            pack(&event, &rules.attrs, buf)
+        });
         if archive {
             out.push(Err(Out::Fact(Box::new(Fact::Counted {
                 event: (*event).clone(),
@@ -274,8 +401,15 @@ fn register(
 }
 
 /// A void visits its target.
-fn cancel(slot: &mut Slot, void: Record, archive: bool, out: &mut Vec<Result<Counted, Out>>) {
-    if archive {
+fn cancel(
+    slot: &mut Slot,
+    key: super::Digest,
+    void: Record,
+    rules: &Rules,
+    arena: &mut Arena,
+    out: &mut Vec<Result<Counted, Out>>,
+) {
+    if rules.archive {
         if let Slot::Sale {
             ts,
             counted: Some(_),
@@ -303,9 +437,11 @@ fn cancel(slot: &mut Slot, void: Record, archive: bool, out: &mut Vec<Result<Cou
         Slot::Sale { provider, .. } if *provider != provider_digest(&w.provider) => {
             out.push(Err(dead(Reason::VoidProviderMismatch, w)))
         }
-        Slot::Sale { counted, .. } => {
-            if let Some(e) = counted.take() {
-                out.push(Ok((Box::new(unpack(&e)), -1)));
+        Slot::Sale { counted, ts, .. } => {
+            if let Some(at) = counted.take() {
+                let e = unpack(arena.get(&key, ts.saturating_add(rules.horizon), at));
+                arena.release(&key, at);
+                out.push(Ok((Box::new(e), -1)));
             }
         }
     }
@@ -318,4 +454,65 @@ fn dead(reason: Reason, w: Waiting) -> Out {
         provider: w.provider.to_string(),
         raw: w.raw,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> Rules {
+        Rules {
+            lateness: 15 * 60_000,
+            horizon: 48 * 3_600_000,
+            archive: false,
+            attrs: std::sync::Arc::from(vec!["region".to_owned()]),
+        }
+    }
+
+    #[test]
+    fn a_slot_is_32_bytes() {
+        assert_eq!(std::mem::size_of::<Slot>(), 32);
+    }
+
+    #[test]
+    fn the_arena_keeps_packed_events_until_their_minute_is_past() {
+        let r = rules();
+        let mut a = Arena::default();
+        let (x, y) = ([1, 1], [2, 2]);
+        // Forgotten in minute 10 and in minute 11.
+        let at_x = a.put(x, 10 * BUCKET + 5, |b| b.extend_from_slice(b"first"));
+        let at_y = a.put(y, 11 * BUCKET, |b| b.extend_from_slice(b"second"));
+        let at_z = a.put(x, 10 * BUCKET + 7, |b| b.extend_from_slice(b"third"));
+        assert_eq!(a.get(&x, 10 * BUCKET + 5, at_x), b"first");
+        assert_eq!(a.get(&x, 10 * BUCKET + 7, at_z), b"third");
+        assert_eq!(a.get(&y, 11 * BUCKET, at_y), b"second");
+        // A clock inside minute 10 keeps it; past it, minute 10 leaves and 11 stays.
+        a.close(10 * BUCKET + 30_000, &r);
+        assert_eq!(a.minutes.len(), 2);
+        a.close(11 * BUCKET, &r);
+        assert_eq!(a.minutes.keys().copied().collect::<Vec<_>>(), vec![11]);
+        assert_eq!(a.get(&y, 11 * BUCKET, at_y), b"second");
+    }
+
+    #[test]
+    fn packing_keeps_only_the_attributes_views_read() {
+        let e = crate::decode::decode(
+            br#"{"event_id":"e1","provider_id":"p","product_id":"x","customer_id":"c","kind":"sale","amount":"1.50","currency":"USD","ts":1000,"attrs":{"region":"north","channel":"pos"}}"#,
+        )
+        .unwrap();
+        let mut buf = Vec::new();
+        pack(&e, &rules().attrs, &mut buf);
+        let back = unpack(&buf);
+        assert_eq!(back.attr("region"), "north");
+        assert_eq!(back.attr("channel"), "");
+        assert_eq!(
+            (
+                back.provider_id.as_str(),
+                back.product_id.as_str(),
+                back.customer_id.as_str()
+            ),
+            ("p", "x", "c")
+        );
+        assert_eq!((back.amount, back.ts, back.kind), (e.amount, e.ts, e.kind));
+    }
 }
