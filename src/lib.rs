@@ -36,30 +36,14 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Tunes the allocator; call first thing in `main`. Freed memory is kept for reuse
-/// instead of being handed back to the kernel soon after: the state grows and churns
-/// in large tables and per-epoch buffers, and every page handed back and touched again
-/// is zeroed by the kernel. With mimalloc's default 10 ms page purge, that zeroing was
-/// a third of the ingest thread's time; with pages kept 1 s but arenas purged after
-/// its default 10 s, still a quarter of the worker's and the committer's (measured,
-/// benches/README.md). So pages are purged after 1 s and arena memory after 10
-/// minutes: RSS follows the high-water mark of the heap, which bounded state bounds.
-/// `MIMALLOC_PURGE_DELAY` and `MIMALLOC_ARENA_PURGE_MULT`, when set, win.
+/// Tunes the allocator; call first thing in `main`. Freed pages are kept for a second
+/// before being handed back: with mimalloc's default 10 ms the kernel zeroed the same
+/// pages again and again (measured: a third of the ingest thread's time).
 pub fn tune_allocator() {
-    // Option numbers of mimalloc v3's `mi_option_e` (mimalloc.h; libmimalloc-sys
-    // builds v3 unless its `v2` feature is on, which this package does not turn on).
+    /// `mi_option_purge_delay` in mimalloc.h (v2 and v3).
     const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    const MI_OPTION_ARENA_PURGE_MULT: libmimalloc_sys::mi_option_t = 24;
-    for (option, env, value) in [
-        (MI_OPTION_PURGE_DELAY, "MIMALLOC_PURGE_DELAY", 1000),
-        // Multiplies the purge delay: 600 x 1 s.
-        (MI_OPTION_ARENA_PURGE_MULT, "MIMALLOC_ARENA_PURGE_MULT", 600),
-    ] {
-        if std::env::var_os(env).is_none() {
-            // SAFETY: sets a process-wide integer option; called before other threads exist.
-            unsafe { libmimalloc_sys::mi_option_set(option, value) };
-        }
-    }
+    // SAFETY: sets a process-wide integer option; called before other threads exist.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 1000) };
 }
 
 /// Makes ring rustls's process-wide crypto provider (every TLS of ours: Redis, the

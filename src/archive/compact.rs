@@ -46,7 +46,7 @@ use arrow_array::builder::{
 use arrow_array::{ArrayRef, RecordBatch};
 use chrono::{NaiveDate, TimeZone};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -220,6 +220,29 @@ pub fn manifest(lake: &Lake, date: &str) -> Result<Option<Manifest>, CompactErro
 pub fn parse_date(d: &str) -> Result<NaiveDate, CompactError> {
     NaiveDate::parse_from_str(d, "%Y-%m-%d")
         .map_err(|e| CompactError::Usage(format!("'{d}' is not a date (YYYY-MM-DD): {e}")))
+}
+
+/// Instants every provider's local day of `dates` lies within, whatever its zone (UTC
+/// offsets are under a day): from the first date's UTC midnight less a day to the
+/// last's end plus a day. `None` without dates.
+pub fn days_span<'a>(
+    dates: impl IntoIterator<Item = &'a String>,
+) -> Result<Option<std::ops::Range<Millis>>, CompactError> {
+    const DAY: Millis = 86_400_000;
+    let mut span: Option<std::ops::Range<Millis>> = None;
+    for d in dates {
+        let start = parse_date(d)?
+            .and_hms_opt(0, 0, 0)
+            .expect("midnight exists in UTC")
+            .and_utc()
+            .timestamp_millis();
+        let (lo, hi) = (start - DAY, start + 2 * DAY);
+        span = Some(match span {
+            None => lo..hi,
+            Some(s) => s.start.min(lo)..s.end.max(hi),
+        });
+    }
+    Ok(span)
 }
 
 /// The provider's local `date` as UTC instants [start, end).
@@ -409,20 +432,26 @@ fn verify(p: &Pipeline, events: &[Row], store: &[&StoredRow], day_start: Millis)
         if view.top_k.is_some() || !view.windows.contains(&WindowSize::LocalDay) {
             continue;
         }
-        let mut lake: BTreeMap<Vec<String>, Sums> = BTreeMap::new();
+        // By group values borrowed from the events: a group's key is allocated once.
+        let mut by_group: HashMap<Vec<&str>, Sums> = HashMap::new();
+        let mut g: Vec<&str> = Vec::with_capacity(view.group_by.len());
         for r in events {
-            let g = view
-                .group_by
-                .iter()
-                .map(|f| aggregate::value(&r.event, f).to_owned())
-                .collect();
-            let s = lake.entry(g).or_default();
+            g.clear();
+            g.extend(view.group_by.iter().map(|f| aggregate::value(&r.event, f)));
+            let s = match by_group.get_mut(g.as_slice()) {
+                Some(s) => s,
+                None => by_group.entry(g.clone()).or_default(),
+            };
             let d = Sums::of(&r.event, 1);
             s.sales += d.sales;
             s.gross += d.gross;
             s.refunds += d.refunds;
             s.refunds_amount += d.refunds_amount;
         }
+        let lake: BTreeMap<Vec<String>, Sums> = by_group
+            .into_iter()
+            .map(|(g, s)| (g.into_iter().map(str::to_owned).collect(), s))
+            .collect();
         let mut held: BTreeMap<Vec<String>, Sums> = BTreeMap::new();
         for ((key, _), v) in store.iter().map(|x| (&x.0, &x.1)) {
             if key.view as usize == vi && key.size == WindowSize::LocalDay && key.start == day_start
@@ -820,12 +849,10 @@ fn compact_provider(
         if rows.is_empty() {
             continue;
         }
-        rows.sort_by(|a, b| {
-            let k = |r: &StoredRow| -> (String, Millis, Vec<compact_str::CompactString>, u32) {
-                let key: &RowKey = &r.0 .0;
-                (key.size.label(), key.start, key.group.clone(), r.0 .1)
-            };
-            k(a).cmp(&k(b))
+        // Each row's sort key is built once (not twice per comparison).
+        rows.sort_by_cached_key(|r| {
+            let key: &RowKey = &r.0 .0;
+            (key.size.label(), key.start, key.group.clone(), r.0 .1)
         });
         let bytes = aggregates_file(view, &rows, s).map_err(parquet)?;
         let mut list = Vec::new();
@@ -882,5 +909,39 @@ impl Cleanup {
         }
         lake.delete(&self.report)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_days_span_holds_every_zones_local_days_of_the_dates() {
+        let p = Pipeline::parse(
+            "t.toml",
+            r#"
+[[views]]
+name = "v"
+group_by = ["provider_id", "currency"]
+windows = ["1d"]
+metrics = ["sales_count"]
+
+[time_zones.providers]
+kiritimati = "Pacific/Kiritimati"
+niue = "Pacific/Niue"
+"#,
+        )
+        .unwrap();
+        let dates = vec!["2026-11-18".to_owned(), "2026-11-20".to_owned()];
+        let span = days_span(&dates).unwrap().unwrap();
+        for prov in ["kiritimati", "niue", "utc"] {
+            for d in &dates {
+                let (s, e) = day_bounds(&p, prov, parse_date(d).unwrap());
+                assert!(span.contains(&s) && span.contains(&(e - 1)), "{prov} {d}");
+            }
+        }
+        assert_eq!(days_span(&Vec::<String>::new()).unwrap(), None);
+        assert!(days_span(&vec!["18/11/2026".to_owned()]).is_err());
     }
 }

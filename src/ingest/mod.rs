@@ -861,8 +861,12 @@ impl Archive {
             return Ok(());
         }
         // Everything committed is staged now: the store's rows and the staging files
-        // listed here describe the same epoch.
-        let rows = Arc::new(store.rows()?);
+        // listed here describe the same epoch. Only the rows of the due days' windows
+        // are copied for the compactor (it reads no others).
+        let span = crate::archive::compact::days_span(&due)
+            .expect("the scheduler's dates are formatted dates")
+            .expect("due is not empty");
+        let rows = Arc::new(store.rows_starting(span)?);
         for date in due {
             match crate::archive::compact::staging_files(st.lake(), &date) {
                 Ok(files) => sched.submit(date, files, Arc::clone(&rows)),

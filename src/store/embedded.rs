@@ -208,6 +208,18 @@ impl Store for EmbeddedStore {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
     }
+
+    fn rows_starting(
+        &mut self,
+        starts: std::ops::Range<crate::model::Millis>,
+    ) -> Result<Vec<StoredRow>, StoreError> {
+        Ok(self
+            .rows
+            .iter()
+            .filter(|(k, _)| starts.contains(&k.0.start))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
 }
 
 #[cfg(test)]

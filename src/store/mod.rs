@@ -191,6 +191,17 @@ pub trait Store: Send {
 
     /// Every stored row, in no particular order.
     fn rows(&mut self) -> Result<Vec<StoredRow>, StoreError>;
+
+    /// The stored rows whose window starts in `starts`, in no particular order (what
+    /// the compaction of some days needs, without a copy of every other day's rows).
+    fn rows_starting(
+        &mut self,
+        starts: std::ops::Range<crate::model::Millis>,
+    ) -> Result<Vec<StoredRow>, StoreError> {
+        let mut rows = self.rows()?;
+        rows.retain(|r| starts.contains(&r.0 .0.start));
+        Ok(rows)
+    }
 }
 
 /// Checks and fixes views: shared by every store.
