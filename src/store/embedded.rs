@@ -65,7 +65,20 @@ impl EmbeddedStore {
                 .write(true)
                 .open(&path)
                 .map_err(io(&path))?;
-            match f.try_lock() {
+            // A lock just released can stay held for a moment: a child forked by this
+            // process (a test's server, say) holds its descriptor until it execs. So a
+            // busy lock is tried again for half a second before it counts as taken.
+            let mut tries = 0;
+            let taken = loop {
+                match f.try_lock() {
+                    Err(std::fs::TryLockError::WouldBlock) if tries < 25 => {
+                        tries += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                    other => break other,
+                }
+            };
+            match taken {
                 Ok(()) => Some(f),
                 Err(std::fs::TryLockError::WouldBlock) => {
                     return Err(StoreError::Config(format!(
