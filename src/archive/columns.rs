@@ -23,7 +23,10 @@ use arrow_array::builder::{
 };
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Decimal128Type, TimestampMillisecondType, UInt64Type};
-use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_array::{
+    Array, ArrayRef, Decimal128Array, MapArray, RecordBatch, StringArray,
+    TimestampMillisecondArray, UInt64Array,
+};
 use std::sync::Arc;
 
 /// One event row: the event, a tag (fact or role), where it was read, and a void's
@@ -35,6 +38,28 @@ pub struct Row {
     pub source: String,
     pub offset: u64,
     pub target_ts: Option<Millis>,
+}
+
+/// A row to write, borrowed: what [`to_batch_of`] takes.
+#[derive(Clone, Copy)]
+pub struct RowRef<'a> {
+    pub tag: &'static str,
+    pub event: &'a Event,
+    pub source: &'a str,
+    pub offset: u64,
+    pub target_ts: Option<Millis>,
+}
+
+impl Row {
+    pub fn as_ref(&self) -> RowRef<'_> {
+        RowRef {
+            tag: self.tag,
+            event: &self.event,
+            source: &self.source,
+            offset: self.offset,
+            target_ts: self.target_ts,
+        }
+    }
 }
 
 /// Which columns a file kind has.
@@ -71,7 +96,15 @@ fn ts_builder(n: usize) -> TimestampMillisecondBuilder {
 
 /// Rows to one record batch of `layout`.
 pub fn to_batch(layout: Layout, rows: &[Row]) -> RecordBatch {
-    let n = rows.len();
+    to_batch_of(layout, rows.len(), rows.iter().map(Row::as_ref))
+}
+
+/// `n` borrowed rows to one record batch of `layout`.
+pub fn to_batch_of<'a>(
+    layout: Layout,
+    n: usize,
+    rows: impl Iterator<Item = RowRef<'a>>,
+) -> RecordBatch {
     let strings = || StringBuilder::with_capacity(n, n * 16);
     let (mut tag, mut id, mut provider, mut product, mut customer, mut kind) = (
         strings(),
@@ -90,7 +123,7 @@ pub fn to_batch(layout: Layout, rows: &[Row]) -> RecordBatch {
     let mut offset = UInt64Builder::with_capacity(n);
     let mut attrs = MapBuilder::new(None, StringBuilder::new(), StringBuilder::new());
     for r in rows {
-        let e = &r.event;
+        let e = r.event;
         tag.append_value(r.tag);
         id.append_value(&e.event_id);
         provider.append_value(&e.provider_id);
@@ -106,7 +139,7 @@ pub fn to_batch(layout: Layout, rows: &[Row]) -> RecordBatch {
             attrs.values().append_value(v);
         }
         attrs.append(true).expect("keys and values match");
-        source.append_value(&r.source);
+        source.append_value(r.source);
         offset.append_value(r.offset);
         target.append_option(r.target_ts);
     }
@@ -142,6 +175,228 @@ pub struct ColumnError {
     pub reason: String,
 }
 
+/// A record batch of any layout with its columns typed and checked once, so its rows
+/// are read in place (and copied out column by column with [`gather`]) instead of
+/// becoming [`Row`]s one by one.
+pub struct Cols {
+    pub batch: RecordBatch,
+    /// Each row's tag (`counted` when the layout has none).
+    tags: Vec<&'static str>,
+    kinds: Vec<Kind>,
+    pub id: StringArray,
+    provider: Option<StringArray>,
+    pub product: StringArray,
+    pub customer: StringArray,
+    amount: Decimal128Array,
+    pub currency: StringArray,
+    pub ts: TimestampMillisecondArray,
+    pub refs: StringArray,
+    attrs: MapArray,
+    pub source: StringArray,
+    pub offset: UInt64Array,
+    target: Option<TimestampMillisecondArray>,
+}
+
+impl Cols {
+    /// Types and checks the columns of `layout` in `b`: every tag, kind, currency and
+    /// amount is valid after this.
+    pub fn of(layout: Layout, b: RecordBatch) -> Result<Cols, ColumnError> {
+        let bad = |name: &str, why: &str| ColumnError {
+            column: name.into(),
+            reason: why.into(),
+        };
+        let col = |name: &str| -> Result<ArrayRef, ColumnError> {
+            b.column_by_name(name)
+                .cloned()
+                .ok_or_else(|| bad(name, "missing"))
+        };
+        let string = |name: &str| -> Result<StringArray, ColumnError> {
+            col(name)?
+                .as_string_opt::<i32>()
+                .cloned()
+                .ok_or_else(|| bad(name, "not a string column"))
+        };
+        let stamps = |name: &str| -> Result<TimestampMillisecondArray, ColumnError> {
+            col(name)?
+                .as_primitive_opt::<TimestampMillisecondType>()
+                .cloned()
+                .ok_or_else(|| bad(name, "not a millisecond timestamp column"))
+        };
+        let n = b.num_rows();
+        let tags = match layout.tag {
+            Some(name) => {
+                let t = string(name)?;
+                (0..n)
+                    .map(|i| {
+                        let v = t.value(i);
+                        TAGS.iter()
+                            .find(|x| **x == v)
+                            .copied()
+                            .ok_or_else(|| bad(name, &format!("row {i}: unknown tag '{v}'")))
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+            None => vec!["counted"; n],
+        };
+        let kind = string("kind")?;
+        let kinds = (0..n)
+            .map(|i| match kind.value(i) {
+                "sale" => Ok(Kind::Sale),
+                "refund" => Ok(Kind::Refund),
+                "void" => Ok(Kind::Void),
+                k => Err(bad("kind", &format!("row {i}: unknown kind '{k}'"))),
+            })
+            .collect::<Result<_, _>>()?;
+        let amount = col("amount")?
+            .as_primitive_opt::<Decimal128Type>()
+            .cloned()
+            .ok_or_else(|| bad("amount", "not a decimal column"))?;
+        for i in 0..n {
+            if !amount.is_null(i)
+                && i64::try_from(amount.value(i))
+                    .ok()
+                    .and_then(Money::from_hundredths)
+                    .is_none()
+            {
+                return Err(bad("amount", &format!("row {i}: out of range")));
+            }
+        }
+        let currency = string("currency")?;
+        for i in 0..n {
+            if Currency::parse(currency.value(i)).is_none() {
+                return Err(bad("currency", &format!("row {i}: not a currency code")));
+            }
+        }
+        let attrs = col("attrs")?
+            .as_map_opt()
+            .cloned()
+            .ok_or_else(|| bad("attrs", "not a map column"))?;
+        for (i, name) in ["keys", "values"].into_iter().enumerate() {
+            if attrs.entries().column(i).as_string_opt::<i32>().is_none() {
+                return Err(bad("attrs", &format!("its {name} are not strings")));
+            }
+        }
+        Ok(Cols {
+            tags,
+            kinds,
+            id: string("event_id")?,
+            provider: if layout.provider {
+                Some(string("provider_id")?)
+            } else {
+                None
+            },
+            product: string("product_id")?,
+            customer: string("customer_id")?,
+            amount,
+            currency,
+            ts: stamps("ts")?,
+            refs: string("ref_event_id")?,
+            attrs,
+            source: string("source")?,
+            offset: col("offset")?
+                .as_primitive_opt::<UInt64Type>()
+                .cloned()
+                .ok_or_else(|| bad("offset", "not a uint64 column"))?,
+            target: if layout.target_ts {
+                Some(stamps("target_ts")?)
+            } else {
+                None
+            },
+            batch: b,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.tags.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tags.is_empty()
+    }
+
+    pub fn tag(&self, i: usize) -> &'static str {
+        self.tags[i]
+    }
+
+    pub fn kind(&self, i: usize) -> Kind {
+        self.kinds[i]
+    }
+
+    /// The provider column's value (`None` for a layout without one).
+    pub fn provider(&self, i: usize) -> Option<&str> {
+        self.provider.as_ref().map(|p| p.value(i))
+    }
+
+    /// The amount in hundredths (0 when absent).
+    pub fn hundredths(&self, i: usize) -> i64 {
+        if self.amount.is_null(i) {
+            0
+        } else {
+            self.amount.value(i) as i64
+        }
+    }
+
+    pub fn ref_event_id(&self, i: usize) -> Option<&str> {
+        (!self.refs.is_null(i)).then(|| self.refs.value(i))
+    }
+
+    pub fn target_ts(&self, i: usize) -> Option<Millis> {
+        self.target
+            .as_ref()
+            .and_then(|t| (!t.is_null(i)).then(|| t.value(i)))
+    }
+
+    /// Row `i`'s attributes, in the order written (by key).
+    pub fn attrs(&self, i: usize) -> impl Iterator<Item = (&str, &str)> {
+        let offsets = self.attrs.value_offsets();
+        let (from, to) = (offsets[i] as usize, offsets[i + 1] as usize);
+        let entries = self.attrs.entries();
+        let keys = entries.column(0).as_string::<i32>();
+        let values = entries.column(1).as_string::<i32>();
+        (from..to).map(move |j| (keys.value(j), values.value(j)))
+    }
+
+    /// The value of attribute `name` in row `i`, empty when absent.
+    pub fn attr(&self, i: usize, name: &str) -> &str {
+        self.attrs(i)
+            .find(|(k, _)| *k == name)
+            .map_or("", |(_, v)| v)
+    }
+
+    /// Row `i` as a [`Row`]; `provider` is the provider of a layout without the column.
+    pub fn row(&self, i: usize, provider: Option<&str>) -> Result<Row, ColumnError> {
+        let provider_id = match (self.provider(i), provider) {
+            (Some(p), _) | (None, Some(p)) => p.into(),
+            (None, None) => {
+                return Err(ColumnError {
+                    column: "provider_id".into(),
+                    reason: "missing, and not in the path".into(),
+                })
+            }
+        };
+        Ok(Row {
+            tag: self.tag(i),
+            event: Event {
+                event_id: self.id.value(i).into(),
+                provider_id,
+                product_id: self.product.value(i).into(),
+                customer_id: self.customer.value(i).into(),
+                kind: self.kind(i),
+                amount: (!self.amount.is_null(i))
+                    .then(|| Money::from_hundredths(self.amount.value(i) as i64))
+                    .flatten(),
+                currency: Currency::parse(self.currency.value(i)).expect("checked in `of`"),
+                ts: self.ts.value(i),
+                ref_event_id: self.ref_event_id(i).map(Into::into),
+                attrs: self.attrs(i).map(|(k, v)| (k.into(), v.into())).collect(),
+            },
+            source: self.source.value(i).to_owned(),
+            offset: self.offset.value(i),
+            target_ts: self.target_ts(i),
+        })
+    }
+}
+
 /// A record batch of `layout` back to rows; `provider` fills in the provider of a
 /// file whose path holds it.
 pub fn from_batch(
@@ -149,119 +404,69 @@ pub fn from_batch(
     b: &RecordBatch,
     provider: Option<&str>,
 ) -> Result<Vec<Row>, ColumnError> {
-    let col = |name: &str| -> Result<&ArrayRef, ColumnError> {
-        b.column_by_name(name).ok_or_else(|| ColumnError {
-            column: name.into(),
-            reason: "missing".into(),
-        })
+    let c = Cols::of(layout, b.clone())?;
+    (0..c.len()).map(|i| c.row(i, provider)).collect()
+}
+
+/// One output row of [`gather`]: row `row` of source `src`, with the tag and target
+/// time it is written with.
+#[derive(Clone, Copy, Debug)]
+pub struct Pick {
+    pub src: u32,
+    pub row: u32,
+    pub tag: &'static str,
+    pub target_ts: Option<Millis>,
+}
+
+/// The rows `picks` of `sources` as one record batch of `layout` (which has no
+/// provider column: the sources are one provider's), copied column by column.
+pub fn gather(
+    layout: Layout,
+    sources: &[&Cols],
+    picks: &[Pick],
+) -> Result<RecordBatch, arrow_schema::ArrowError> {
+    assert!(!layout.provider, "gathered files hold one provider");
+    let at: Vec<(usize, usize)> = picks
+        .iter()
+        .map(|p| (p.src as usize, p.row as usize))
+        .collect();
+    let column = |get: fn(&Cols) -> &dyn Array| -> Result<ArrayRef, arrow_schema::ArrowError> {
+        let arrays: Vec<&dyn Array> = sources.iter().map(|c| get(c)).collect();
+        arrow_select::interleave::interleave(&arrays, &at)
     };
-    let bad = |name: &str, why: &str| ColumnError {
-        column: name.into(),
-        reason: why.into(),
-    };
-    let string = |name: &str| {
-        col(name)?
-            .as_string_opt::<i32>()
-            .ok_or_else(|| bad(name, "not a string column"))
-    };
-    let tag = match layout.tag {
-        Some(t) => Some((t, string(t)?)),
-        None => None,
-    };
-    let id = string("event_id")?;
-    let prov = if layout.provider {
-        Some(string("provider_id")?)
-    } else {
-        None
-    };
-    let (product, customer, kind, currency, refs, source) = (
-        string("product_id")?,
-        string("customer_id")?,
-        string("kind")?,
-        string("currency")?,
-        string("ref_event_id")?,
-        string("source")?,
-    );
-    let amount = col("amount")?
-        .as_primitive_opt::<Decimal128Type>()
-        .ok_or_else(|| bad("amount", "not a decimal column"))?;
-    let ts = col("ts")?
-        .as_primitive_opt::<TimestampMillisecondType>()
-        .ok_or_else(|| bad("ts", "not a millisecond timestamp column"))?;
-    let offset = col("offset")?
-        .as_primitive_opt::<UInt64Type>()
-        .ok_or_else(|| bad("offset", "not a uint64 column"))?;
-    let target = if layout.target_ts {
-        Some(
-            col("target_ts")?
-                .as_primitive_opt::<TimestampMillisecondType>()
-                .ok_or_else(|| bad("target_ts", "not a millisecond timestamp column"))?,
-        )
-    } else {
-        None
-    };
-    let attrs = col("attrs")?
-        .as_map_opt()
-        .ok_or_else(|| bad("attrs", "not a map column"))?;
-    let mut out = Vec::with_capacity(b.num_rows());
-    for i in 0..b.num_rows() {
-        let tag = match &tag {
-            Some((name, t)) => {
-                let v = t.value(i);
-                *TAGS
-                    .iter()
-                    .find(|x| **x == v)
-                    .ok_or_else(|| bad(name, &format!("row {i}: unknown tag '{v}'")))?
-            }
-            None => "counted",
-        };
-        let kind = match kind.value(i) {
-            "sale" => Kind::Sale,
-            "refund" => Kind::Refund,
-            "void" => Kind::Void,
-            k => return Err(bad("kind", &format!("row {i}: unknown kind '{k}'"))),
-        };
-        let amount = if amount.is_null(i) {
-            None
-        } else {
-            let h = i64::try_from(amount.value(i))
-                .ok()
-                .and_then(Money::from_hundredths)
-                .ok_or_else(|| bad("amount", &format!("row {i}: out of range")))?;
-            Some(h)
-        };
-        let currency = Currency::parse(currency.value(i))
-            .ok_or_else(|| bad("currency", &format!("row {i}: not a currency code")))?;
-        let entries = attrs.value(i);
-        let keys = entries.column(0).as_string::<i32>();
-        let values = entries.column(1).as_string::<i32>();
-        let provider_id = match (&prov, provider) {
-            (Some(p), _) => p.value(i).into(),
-            (None, Some(p)) => p.into(),
-            (None, None) => return Err(bad("provider_id", "missing, and not in the path")),
-        };
-        out.push(Row {
-            tag,
-            event: Event {
-                event_id: id.value(i).into(),
-                provider_id,
-                product_id: product.value(i).into(),
-                customer_id: customer.value(i).into(),
-                kind,
-                amount,
-                currency,
-                ts: ts.value(i),
-                ref_event_id: (!refs.is_null(i)).then(|| refs.value(i).into()),
-                attrs: (0..keys.len())
-                    .map(|j| (keys.value(j).into(), values.value(j).into()))
-                    .collect(),
-            },
-            source: source.value(i).to_owned(),
-            offset: offset.value(i),
-            target_ts: target.and_then(|t| (!t.is_null(i)).then(|| t.value(i))),
-        });
+    let mut cols: Vec<(&str, ArrayRef, bool)> = Vec::with_capacity(14);
+    if let Some(name) = layout.tag {
+        let tags: StringArray = picks.iter().map(|p| Some(p.tag)).collect();
+        cols.push((name, Arc::new(tags), false));
     }
-    Ok(out)
+    cols.push(("event_id", column(|c| &c.id)?, false));
+    cols.push(("product_id", column(|c| &c.product)?, false));
+    cols.push(("customer_id", column(|c| &c.customer)?, false));
+    cols.push((
+        "kind",
+        Arc::new(
+            picks
+                .iter()
+                .map(|p| Some(sources[p.src as usize].kind(p.row as usize).as_str()))
+                .collect::<StringArray>(),
+        ),
+        false,
+    ));
+    cols.push(("amount", column(|c| &c.amount)?, true));
+    cols.push(("currency", column(|c| &c.currency)?, false));
+    cols.push(("ts", column(|c| &c.ts)?, false));
+    cols.push(("ref_event_id", column(|c| &c.refs)?, true));
+    cols.push(("attrs", column(|c| &c.attrs)?, false));
+    cols.push(("source", column(|c| &c.source)?, false));
+    cols.push(("offset", column(|c| &c.offset)?, false));
+    if layout.target_ts {
+        let mut t = ts_builder(picks.len());
+        for p in picks {
+            t.append_option(p.target_ts);
+        }
+        cols.push(("target_ts", Arc::new(t.finish()), true));
+    }
+    RecordBatch::try_from_iter_with_nullable(cols)
 }
 
 /// Writer settings: zstd at `level`, statistics on, a fixed `created_by` so the same
@@ -368,6 +573,85 @@ mod tests {
                 .collect();
             assert_eq!(back, expect, "{layout:?}");
         }
+    }
+
+    #[test]
+    fn gather_copies_picked_rows_of_several_files_with_their_new_tags() {
+        let row = |id: &str, tag, target_ts| Row {
+            tag,
+            event: event(id, Kind::Sale, Some(100), &[("region", id)]),
+            source: format!("src-{id}"),
+            offset: id.len() as u64,
+            target_ts,
+        };
+        let staged = vec![row("a", "counted", None), row("bb", "voided", Some(5))];
+        let published = vec![row("ccc", "counted", None)];
+        let read = |layout, rows: &[Row]| {
+            let bytes = write_parquet(&[to_batch(layout, rows)], props(1, 1024)).unwrap();
+            let b = read_parquet(bytes.into()).unwrap().remove(0);
+            Cols::of(layout, b).unwrap()
+        };
+        let (s, p) = (read(STAGING, &staged), read(EVENTS, &published));
+        assert_eq!(
+            (s.tag(1), s.target_ts(1), s.provider(0)),
+            ("voided", Some(5), Some("claro"))
+        );
+        assert_eq!(
+            (p.tag(0), p.target_ts(0), p.provider(0)),
+            ("counted", None, None)
+        );
+        assert_eq!(s.attr(1, "region"), "bb");
+        assert_eq!(s.attr(1, "channel"), "");
+        let picks = [
+            Pick {
+                src: 1,
+                row: 0,
+                tag: "voided",
+                target_ts: None,
+            },
+            Pick {
+                src: 0,
+                row: 1,
+                tag: "void",
+                target_ts: Some(5),
+            },
+        ];
+        let b = gather(AUDIT, &[&s, &p], &picks).unwrap();
+        let back = from_batch(AUDIT, &b, Some("claro")).unwrap();
+        let expect = vec![
+            Row {
+                tag: "voided",
+                ..published[0].clone()
+            },
+            Row {
+                tag: "void",
+                ..staged[1].clone()
+            },
+        ];
+        assert_eq!(back, expect);
+    }
+
+    #[test]
+    fn a_bad_value_names_its_column_and_row() {
+        let mut rows = vec![Row {
+            tag: "counted",
+            event: event("s-1", Kind::Sale, Some(1), &[]),
+            source: "a".into(),
+            offset: 0,
+            target_ts: None,
+        }];
+        rows.push(rows[0].clone());
+        let b = to_batch(EVENTS, &rows);
+        let mut cols: Vec<ArrayRef> = b.columns().to_vec();
+        let kind = b.schema().index_of("kind").unwrap();
+        cols[kind] = Arc::new(StringArray::from(vec!["sale", "gift"]));
+        let b = RecordBatch::try_new(b.schema(), cols).unwrap();
+        let err = Cols::of(EVENTS, b).err().unwrap();
+        assert_eq!(err.column, "kind");
+        assert!(
+            err.reason.contains("row 1") && err.reason.contains("gift"),
+            "{err}"
+        );
     }
 
     #[test]

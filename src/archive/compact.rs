@@ -32,12 +32,12 @@
 //! says so it writes nothing. A kill at any point leaves the previous manifest and its
 //! files readable; the next run completes.
 
-use super::columns::{self, Row, AUDIT, EVENTS, STAGING};
+use super::columns::{self, Cols, Pick, AUDIT, EVENTS, STAGING};
 use super::lake::{Lake, LakeError};
-use crate::dataflow::{aggregate, RowKey, Sums};
+use crate::dataflow::{RowKey, Sums};
 use crate::model::window::{local_day, WindowSize};
 use crate::model::{format_hundredths, Millis, Sum};
-use crate::pipeline::{Pipeline, View};
+use crate::pipeline::{GroupField, Pipeline, View};
 use crate::store::StoredRow;
 use arrow_array::builder::{
     Decimal128Builder, Int64Builder, StringBuilder, TimestampMillisecondBuilder, UInt32Builder,
@@ -46,7 +46,7 @@ use arrow_array::builder::{
 use arrow_array::{ArrayRef, RecordBatch};
 use chrono::{NaiveDate, TimeZone};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -258,54 +258,31 @@ pub fn day_bounds(p: &Pipeline, provider: &str, date: NaiveDate) -> (Millis, Mil
     (w.start, w.end)
 }
 
-/// The facts of a provider-day, as sets.
-#[derive(Default)]
-struct Facts {
-    counted: BTreeMap<String, Row>,
-    /// By target id.
-    voids: BTreeMap<String, Row>,
-}
-
-impl Facts {
-    fn apply(&mut self, r: Row) {
-        match r.tag {
-            "counted" => {
-                self.counted
-                    .entry(r.event.event_id.to_string())
-                    .or_insert(r);
-            }
-            _ => {
-                let target = r
-                    .event
-                    .ref_event_id
-                    .as_deref()
-                    .unwrap_or_default()
-                    .to_owned();
-                self.voids.entry(target).or_insert(r);
-            }
-        }
-    }
-}
-
-fn read_rows(
+/// A lake file's record batches, typed and checked; `None` when `missing_ok` and
+/// the file is gone.
+fn read_cols(
     lake: &Lake,
     path: &str,
     layout: columns::Layout,
-    provider: Option<&str>,
-) -> Result<Vec<Row>, CompactError> {
+    missing_ok: bool,
+) -> Result<Option<Vec<Cols>>, CompactError> {
     let bad = |reason: String| CompactError::File {
         path: path.to_owned(),
         reason,
     };
-    let bytes = lake
-        .get(path)?
-        .ok_or_else(|| bad("listed but gone".into()))?;
+    let Some(bytes) = lake.get(path)? else {
+        return if missing_ok {
+            Ok(None)
+        } else {
+            Err(bad("listed but gone".into()))
+        };
+    };
     let batches = columns::read_parquet(bytes).map_err(|e| bad(e.to_string()))?;
-    let mut out = Vec::new();
-    for b in &batches {
-        out.extend(columns::from_batch(layout, b, provider).map_err(|e| bad(e.to_string()))?);
-    }
-    Ok(out)
+    batches
+        .into_iter()
+        .map(|b| Cols::of(layout, b).map_err(|e| bad(e.to_string())))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 fn sha256(b: &[u8]) -> String {
@@ -314,18 +291,23 @@ fn sha256(b: &[u8]) -> String {
     d.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Splits rows into Parquet files of about `target` bytes each.
+/// Splits the picked rows into Parquet files of about `target` bytes each.
 fn write_files(
     layout: columns::Layout,
-    rows: &[Row],
+    sources: &[&Cols],
+    picks: &[Pick],
     s: &Settings,
 ) -> Result<Vec<(Vec<u8>, u64)>, parquet::errors::ParquetError> {
     const CHUNK: usize = 64 * 1024;
+    let batch = |at: usize| {
+        columns::gather(layout, sources, &picks[at..(at + CHUNK).min(picks.len())])
+            .map_err(|e| parquet::errors::ParquetError::General(e.to_string()))
+    };
     let mut files = Vec::new();
     let mut start = 0;
-    while start < rows.len() {
+    while start < picks.len() {
         let mut buf = Vec::new();
-        let first = columns::to_batch(layout, &rows[start..(start + CHUNK).min(rows.len())]);
+        let first = batch(start)?;
         let mut w = parquet::arrow::ArrowWriter::try_new(
             &mut buf,
             first.schema(),
@@ -333,18 +315,15 @@ fn write_files(
         )?;
         let mut n = 0u64;
         let mut at = start;
-        let mut batch = Some(first);
-        while let Some(b) = batch.take() {
+        let mut next = Some(first);
+        while let Some(b) = next.take() {
             n += b.num_rows() as u64;
             at += b.num_rows();
             w.write(&b)?;
-            if at < rows.len()
+            if at < picks.len()
                 && ((w.bytes_written() + w.in_progress_size()) as u64) < s.target_file_size
             {
-                batch = Some(columns::to_batch(
-                    layout,
-                    &rows[at..(at + CHUNK).min(rows.len())],
-                ));
+                next = Some(batch(at)?);
             }
         }
         w.close()?;
@@ -425,8 +404,37 @@ fn aggregates_file(
     columns::write_parquet(&[batch], columns::props(s.zstd_level, s.row_group_rows))
 }
 
+/// A picked row's value for a group-by field (its provider is `prov`).
+fn value<'a>(src: &'a Cols, i: usize, prov: &'a str, f: &GroupField) -> &'a str {
+    match f {
+        GroupField::ProviderId => prov,
+        GroupField::ProductId => src.product.value(i),
+        GroupField::CustomerId => src.customer.value(i),
+        GroupField::Currency => src.currency.value(i),
+        GroupField::Attr(n) => src.attr(i, n),
+    }
+}
+
+fn sums_of(src: &Cols, i: usize) -> Sums {
+    Sums::of_parts(src.kind(i), src.hundredths(i), 1)
+}
+
+fn add(s: &mut Sums, d: Sums) {
+    s.sales += d.sales;
+    s.gross += d.gross;
+    s.refunds += d.refunds;
+    s.refunds_amount += d.refunds_amount;
+}
+
 /// Compares the events' figures with the store's day rows, view by view.
-fn verify(p: &Pipeline, events: &[Row], store: &[&StoredRow], day_start: Millis) -> Vec<Diff> {
+fn verify(
+    p: &Pipeline,
+    prov: &str,
+    sources: &[&Cols],
+    events: &[Pick],
+    store: &[&StoredRow],
+    day_start: Millis,
+) -> Vec<Diff> {
     let mut diffs = Vec::new();
     for (vi, view) in p.views.iter().enumerate() {
         if view.top_k.is_some() || !view.windows.contains(&WindowSize::LocalDay) {
@@ -435,18 +443,15 @@ fn verify(p: &Pipeline, events: &[Row], store: &[&StoredRow], day_start: Millis)
         // By group values borrowed from the events: a group's key is allocated once.
         let mut by_group: HashMap<Vec<&str>, Sums> = HashMap::new();
         let mut g: Vec<&str> = Vec::with_capacity(view.group_by.len());
-        for r in events {
+        for e in events {
+            let (src, i) = (sources[e.src as usize], e.row as usize);
             g.clear();
-            g.extend(view.group_by.iter().map(|f| aggregate::value(&r.event, f)));
+            g.extend(view.group_by.iter().map(|f| value(src, i, prov, f)));
             let s = match by_group.get_mut(g.as_slice()) {
                 Some(s) => s,
                 None => by_group.entry(g.clone()).or_default(),
             };
-            let d = Sums::of(&r.event, 1);
-            s.sales += d.sales;
-            s.gross += d.gross;
-            s.refunds += d.refunds;
-            s.refunds_amount += d.refunds_amount;
+            add(s, sums_of(src, i));
         }
         let lake: BTreeMap<Vec<String>, Sums> = by_group
             .into_iter()
@@ -492,20 +497,19 @@ fn verify(p: &Pipeline, events: &[Row], store: &[&StoredRow], day_start: Millis)
     diffs
 }
 
-fn currency_sums(events: &[Row]) -> BTreeMap<String, CurrencySums> {
-    let mut by: BTreeMap<String, Sums> = BTreeMap::new();
-    for r in events {
-        let s = by.entry(r.event.currency.as_str().to_owned()).or_default();
-        let d = Sums::of(&r.event, 1);
-        s.sales += d.sales;
-        s.gross += d.gross;
-        s.refunds += d.refunds;
-        s.refunds_amount += d.refunds_amount;
+fn currency_sums(sources: &[&Cols], events: &[Pick]) -> BTreeMap<String, CurrencySums> {
+    let mut by: BTreeMap<&str, Sums> = BTreeMap::new();
+    for e in events {
+        let (src, i) = (sources[e.src as usize], e.row as usize);
+        add(
+            by.entry(src.currency.value(i)).or_default(),
+            sums_of(src, i),
+        );
     }
     by.into_iter()
         .map(|(c, s)| {
             (
-                c,
+                c.to_owned(),
                 CurrencySums {
                     sales_count: s.sales,
                     gross_amount: format_hundredths(s.gross),
@@ -571,19 +575,21 @@ pub fn compact_day_with(
         Some(s) => s,
         None => staging_files(lake, date)?,
     };
-    let mut staged: BTreeMap<String, Vec<Row>> = BTreeMap::new();
-    let mut facts = 0u64;
+    // The day's staged facts stay in their Arrow columns; each provider's are found
+    // by (batch, row), in the order staged.
+    let mut staged: Vec<Cols> = Vec::new();
     for path in &staging {
-        if listed && lake.get(path)?.is_none() {
-            continue;
+        if let Some(cols) = read_cols(lake, path, STAGING, listed)? {
+            staged.extend(cols);
         }
-        for r in read_rows(lake, path, STAGING, None)? {
-            facts += 1;
-            if only.is_none_or(|o| o == r.event.provider_id.as_str()) {
-                staged
-                    .entry(r.event.provider_id.to_string())
-                    .or_default()
-                    .push(r);
+    }
+    let facts: u64 = staged.iter().map(|c| c.len() as u64).sum();
+    let mut mine: HashMap<&str, Vec<(u32, u32)>> = HashMap::new();
+    for (b, cols) in staged.iter().enumerate() {
+        for i in 0..cols.len() {
+            let prov = cols.provider(i).expect("staging files have providers");
+            if only.is_none_or(|o| o == prov) {
+                mine.entry(prov).or_default().push((b as u32, i as u32));
             }
         }
     }
@@ -608,7 +614,7 @@ pub fn compact_day_with(
             day_rows.entry(prov.to_string()).or_default().push(row);
         }
     }
-    let mut providers: BTreeSet<String> = staged.keys().cloned().collect();
+    let mut providers: BTreeSet<String> = mine.keys().map(|p| p.to_string()).collect();
     providers.extend(day_rows.keys().cloned());
     providers.extend(
         man.providers
@@ -640,7 +646,8 @@ pub fn compact_day_with(
             date,
             day,
             &prov,
-            staged.remove(&prov).unwrap_or_default(),
+            &staged,
+            mine.remove(prov.as_str()).unwrap_or_default(),
             day_rows
                 .get(&prov)
                 .map(|v| v.as_slice())
@@ -717,56 +724,88 @@ fn compact_provider(
     date: &str,
     day: NaiveDate,
     prov: &str,
-    staged: Vec<Row>,
+    staged: &[Cols],
+    mine: Vec<(u32, u32)>,
     store: &[&StoredRow],
     man: &mut Manifest,
 ) -> Result<(Outcome, Option<Cleanup>), CompactError> {
-    let mut facts = Facts::default();
+    // The sources, in the order their facts apply: the published events, the
+    // published audit, then the staged facts.
     let published = man.providers.get(prov).cloned();
+    let mut read: Vec<(Cols, bool)> = Vec::new();
     if let Some(old) = &published {
-        for f in &old.events {
-            for r in read_rows(lake, &f.path, EVENTS, Some(prov))? {
-                facts.apply(r);
-            }
-        }
-        for f in &old.audit {
-            for mut r in read_rows(lake, &f.path, AUDIT, Some(prov))? {
-                r.tag = if r.tag == "void" { "voided" } else { "counted" };
-                facts.apply(r);
+        for (files, layout) in [(&old.events, EVENTS), (&old.audit, AUDIT)] {
+            for f in files {
+                let cols = read_cols(lake, &f.path, layout, false)?.unwrap_or_default();
+                read.extend(cols.into_iter().map(|c| (c, false)));
             }
         }
     }
-    for r in staged {
-        facts.apply(r);
-    }
-    let mut events = Vec::new();
-    let mut audit = Vec::new();
-    for (id, r) in std::mem::take(&mut facts.counted) {
-        if facts.voids.contains_key(&id) {
-            audit.push(Row {
-                tag: "voided",
+    let base = read.len() as u32;
+    let mut sources: Vec<&Cols> = read.iter().map(|(c, _)| c).collect();
+    sources.extend(staged);
+    let is_staging = |src: u32| src >= base;
+    let order = read
+        .iter()
+        .enumerate()
+        .flat_map(|(b, (c, _))| (0..c.len()).map(move |i| (b as u32, i as u32)))
+        .chain(mine.into_iter().map(|(b, i)| (base + b, i)));
+    // Applied as sets: an event by its id, a void by its target's id; the first
+    // told wins.
+    let mut seen: HashSet<&str, ahash::RandomState> = HashSet::default();
+    let mut counted: Vec<Pick> = Vec::new();
+    let mut voids: HashMap<&str, Pick, ahash::RandomState> = HashMap::default();
+    for (src, row) in order {
+        let c = sources[src as usize];
+        let i = row as usize;
+        // A staged `voided` fact is a void; in the audit, `voided` is the event it
+        // cancelled and `void` the void.
+        let void = match c.tag(i) {
+            "void" => true,
+            "voided" => is_staging(src),
+            _ => false,
+        };
+        if void {
+            voids
+                .entry(c.ref_event_id(i).unwrap_or_default())
+                .or_insert(Pick {
+                    src,
+                    row,
+                    tag: "void",
+                    target_ts: c.target_ts(i),
+                });
+        } else if seen.insert(c.id.value(i)) {
+            counted.push(Pick {
+                src,
+                row,
+                tag: "counted",
                 target_ts: None,
-                ..r
             });
+        }
+    }
+    drop(seen);
+    let mut events = Vec::with_capacity(counted.len());
+    let mut audit = Vec::new();
+    for e in counted {
+        if voids.contains_key(sources[e.src as usize].id.value(e.row as usize)) {
+            audit.push(Pick { tag: "voided", ..e });
         } else {
-            events.push(r);
+            events.push(e);
         }
     }
     let voided = audit.len() as u64;
-    for (_, r) in std::mem::take(&mut facts.voids) {
-        audit.push(Row { tag: "void", ..r });
-    }
-    let by_time = |a: &Row, b: &Row| {
-        (a.event.ts, &a.event.event_id, a.tag).cmp(&(b.event.ts, &b.event.event_id, b.tag))
-    };
-    events.sort_by(by_time);
-    audit.sort_by(|a, b| {
-        let t = |r: &Row| r.target_ts.unwrap_or(r.event.ts);
-        (t(a), a.tag == "void", &a.event.event_id).cmp(&(t(b), b.tag == "void", &b.event.event_id))
+    audit.extend(voids.into_values());
+    let ts = |e: &Pick| sources[e.src as usize].ts.value(e.row as usize);
+    let id = |e: &Pick| sources[e.src as usize].id.value(e.row as usize);
+    // Ids are unique among the events, so the order is total.
+    events.sort_unstable_by(|a, b| ts(a).cmp(&ts(b)).then_with(|| id(a).cmp(id(b))));
+    audit.sort_unstable_by(|a, b| {
+        let t = |r: &Pick| r.target_ts.unwrap_or_else(|| ts(r));
+        (t(a), a.tag == "void", id(a)).cmp(&(t(b), b.tag == "void", id(b)))
     });
 
     let (day_start, _) = day_bounds(p, prov, day);
-    let diffs = verify(p, &events, store, day_start);
+    let diffs = verify(p, prov, &sources, &events, store, day_start);
     if !diffs.is_empty() {
         let path = format!("reports/date={date}/provider_id={prov}.json");
         let report = serde_json::json!({
@@ -798,16 +837,30 @@ fn compact_provider(
         events: Vec::new(),
         audit: Vec::new(),
         aggregates: BTreeMap::new(),
-        sums: currency_sums(&events),
+        sums: currency_sums(&sources, &events),
         positions: BTreeMap::new(),
     };
-    for r in events.iter().chain(&audit) {
-        let sp = entry.positions.entry(r.source.clone()).or_insert(Span {
-            first: r.offset,
-            last: r.offset,
-        });
-        sp.first = sp.first.min(r.offset);
-        sp.last = sp.last.max(r.offset);
+    for e in events.iter().chain(&audit) {
+        let c = sources[e.src as usize];
+        let (name, offset) = (
+            c.source.value(e.row as usize),
+            c.offset.value(e.row as usize),
+        );
+        match entry.positions.get_mut(name) {
+            Some(sp) => {
+                sp.first = sp.first.min(offset);
+                sp.last = sp.last.max(offset);
+            }
+            None => {
+                entry.positions.insert(
+                    name.to_owned(),
+                    Span {
+                        first: offset,
+                        last: offset,
+                    },
+                );
+            }
+        }
     }
     let mut add = |dir: String, list: &mut Vec<FileEntry>, made: Vec<(Vec<u8>, u64)>| {
         for (i, (bytes, rows)) in made.into_iter().enumerate() {
@@ -827,12 +880,12 @@ fn compact_provider(
     add(
         events_dir.clone(),
         &mut entry.events,
-        write_files(EVENTS, &events, s).map_err(parquet)?,
+        write_files(EVENTS, &sources, &events, s).map_err(parquet)?,
     );
     add(
         audit_dir.clone(),
         &mut entry.audit,
-        write_files(AUDIT, &audit, s).map_err(parquet)?,
+        write_files(AUDIT, &sources, &audit, s).map_err(parquet)?,
     );
     let mut agg_dirs = Vec::new();
     for (vi, view) in p.views.iter().enumerate() {

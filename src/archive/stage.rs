@@ -13,7 +13,7 @@
 //! A fact's date is its provider's local date of the event it changes: a counted
 //! event's own time, a void's target's time.
 
-use super::columns::{self, Row};
+use super::columns;
 use super::lake::{Lake, LakeError};
 use crate::dataflow::{Epoch, Fact};
 use crate::model::Millis;
@@ -56,19 +56,50 @@ pub fn staged_epoch(lake: &Lake) -> Result<Epoch, LakeError> {
     }
 }
 
+/// A buffered fact: a counted event or a void, with where it was read (`source`
+/// indexes the names given to [`Stager::add`]).
+struct Staged {
+    tag: &'static str,
+    event: crate::model::Event,
+    source: u32,
+    offset: u64,
+    target_ts: Option<Millis>,
+}
+
+/// One provider-local day a provider's facts fell in lately.
+struct Day {
+    /// Its instants, [start, end).
+    start: Millis,
+    end: Millis,
+    date: String,
+    /// Its end plus the allowed lateness.
+    close: Millis,
+    /// Facts of this provider and day are buffered.
+    buffered: bool,
+}
+
+type Days = std::collections::HashMap<compact_str::CompactString, Vec<Day>, ahash::RandomState>;
+
+/// Days remembered per provider: facts mostly fall in the last one or two.
+const DAYS_KEPT: usize = 4;
+
 pub struct Stager {
     lake: Lake,
     pipeline: Arc<Pipeline>,
-    /// Date -> rows, in the order told.
-    buf: BTreeMap<String, Vec<Row>>,
+    /// Date -> facts, in the order told.
+    buf: BTreeMap<String, Vec<Staged>>,
+    /// The sources' names, by index, as last told.
+    names: Vec<String>,
     buffered: usize,
     first: Option<Epoch>,
     last: Epoch,
     staged: Epoch,
     since: Instant,
-    /// When each buffered (date, provider) closes (day end plus lateness), and the
-    /// earliest of them: a day that closes is flushed at once, for its compaction.
-    closes: std::collections::HashMap<(String, String), Millis>,
+    /// By provider, the local days its facts fell in lately (so a fact's date is found
+    /// without formatting one), newest last.
+    days: Days,
+    /// The earliest close of a buffered (provider, day): a day that closes is flushed
+    /// at once, for its compaction.
     first_close: Millis,
 }
 
@@ -80,12 +111,13 @@ impl Stager {
             lake,
             pipeline,
             buf: BTreeMap::new(),
+            names: Vec::new(),
             buffered: 0,
             first: None,
             last: staged,
             staged,
             since: Instant::now(),
-            closes: Default::default(),
+            days: Default::default(),
             first_close: Millis::MAX,
         })
     }
@@ -101,18 +133,22 @@ impl Stager {
         if epoch <= self.staged {
             return;
         }
+        // The names are a registry that only grows (a source's index never changes
+        // within a run), so the longest list names every buffered fact.
+        if names.len() > self.names.len() {
+            self.names = names.to_vec();
+        }
         self.first.get_or_insert(epoch);
         self.last = self.last.max(epoch);
-        let name = |i: u32| names.get(i as usize).cloned().unwrap_or_default();
         for f in facts {
-            let (row, day_ts) = match f {
+            let (staged, day_ts) = match f {
                 Fact::Counted { event, pos } => {
                     let ts = event.ts;
                     (
-                        Row {
+                        Staged {
                             tag: "counted",
                             event,
-                            source: name(pos.source),
+                            source: pos.source,
                             offset: pos.offset,
                             target_ts: None,
                         },
@@ -124,27 +160,32 @@ impl Stager {
                     pos,
                     target_ts,
                 } => (
-                    Row {
+                    Staged {
                         tag: "voided",
                         event: void,
-                        source: name(pos.source),
+                        source: pos.source,
                         offset: pos.offset,
                         target_ts: Some(target_ts),
                     },
                     target_ts,
                 ),
             };
-            let date = local_date(&self.pipeline, &row.event.provider_id, day_ts);
-            let key = (date, row.event.provider_id.to_string());
-            if !self.closes.contains_key(&key) {
-                let day = super::compact::parse_date(&key.0).expect("a formatted date");
-                let close = super::compact::day_bounds(&self.pipeline, &key.1, day)
-                    .1
-                    .saturating_add(self.pipeline.allowed_lateness.as_millis() as Millis);
-                self.first_close = self.first_close.min(close);
-                self.closes.insert(key.clone(), close);
+            let day = day_of(
+                &mut self.days,
+                &self.pipeline,
+                &staged.event.provider_id,
+                day_ts,
+            );
+            if !day.buffered {
+                day.buffered = true;
+                self.first_close = self.first_close.min(day.close);
             }
-            self.buf.entry(key.0).or_default().push(row);
+            match self.buf.get_mut(day.date.as_str()) {
+                Some(rows) => rows.push(staged),
+                None => {
+                    self.buf.insert(day.date.clone(), vec![staged]);
+                }
+            }
             self.buffered += 1;
         }
     }
@@ -168,7 +209,18 @@ impl Stager {
         };
         self.since = Instant::now();
         for (date, rows) in &self.buf {
-            let batch = columns::to_batch(columns::STAGING, rows);
+            let names = &self.names;
+            let batch = columns::to_batch_of(
+                columns::STAGING,
+                rows.len(),
+                rows.iter().map(|r| columns::RowRef {
+                    tag: r.tag,
+                    event: &r.event,
+                    source: names.get(r.source as usize).map_or("", |n| n.as_str()),
+                    offset: r.offset,
+                    target_ts: r.target_ts,
+                }),
+            );
             let bytes =
                 columns::write_parquet(&[batch], columns::props(1, 1 << 20)).map_err(|e| {
                     LakeError {
@@ -189,19 +241,19 @@ impl Stager {
         metrics::counter!(crate::metrics::ARCHIVE_STAGED).increment(self.buffered as u64);
         metrics::gauge!(crate::metrics::ARCHIVE_STAGED_EPOCH).set(self.last as f64);
         self.staged = self.last;
-        let written = std::mem::take(&mut self.buf)
-            .into_iter()
-            .map(|(date, rows)| {
-                let provs = rows
-                    .iter()
-                    .map(|r| r.event.provider_id.to_string())
-                    .collect();
-                (date, provs)
-            })
-            .collect();
+        let mut written: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (provider, days) in &mut self.days {
+            for d in days.iter_mut().filter(|d| d.buffered) {
+                d.buffered = false;
+                written
+                    .entry(d.date.clone())
+                    .or_default()
+                    .insert(provider.to_string());
+            }
+        }
+        self.buf.clear();
         self.buffered = 0;
         self.first = None;
-        self.closes.clear();
         self.first_close = Millis::MAX;
         Ok(written)
     }
@@ -209,4 +261,36 @@ impl Stager {
     pub fn lake(&self) -> &Lake {
         &self.lake
     }
+}
+
+/// The provider's local day holding `ts`, remembered in `days`.
+fn day_of<'a>(days: &'a mut Days, pipeline: &Pipeline, provider: &str, ts: Millis) -> &'a mut Day {
+    if !days.contains_key(provider) {
+        days.insert(provider.into(), Vec::new());
+    }
+    let days = days.get_mut(provider).expect("just inserted");
+    if let Some(i) = days.iter().position(|d| (d.start..d.end).contains(&ts)) {
+        return &mut days[i];
+    }
+    let date = local_date(pipeline, provider, ts);
+    let (start, end) = super::compact::day_bounds(
+        pipeline,
+        provider,
+        super::compact::parse_date(&date).expect("a formatted date"),
+    );
+    if days.len() >= DAYS_KEPT {
+        // Forget the oldest day with nothing buffered; while every kept day has
+        // buffered facts, the list grows instead.
+        if let Some(i) = days.iter().position(|d| !d.buffered) {
+            days.remove(i);
+        }
+    }
+    days.push(Day {
+        start,
+        end,
+        date,
+        close: end.saturating_add(pipeline.allowed_lateness.as_millis() as Millis),
+        buffered: false,
+    });
+    days.last_mut().expect("just pushed")
 }

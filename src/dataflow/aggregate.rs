@@ -41,8 +41,13 @@ pub struct Sums {
 
 impl Sums {
     pub fn of(e: &Event, diff: i64) -> Sums {
-        let amount = Sum::from(e.hundredths()) * Sum::from(diff);
-        match e.kind {
+        Sums::of_parts(e.kind, e.hundredths(), diff)
+    }
+
+    /// [`Sums::of`] an event of `kind` and amount `hundredths`.
+    pub fn of_parts(kind: Kind, hundredths: i64, diff: i64) -> Sums {
+        let amount = Sum::from(hundredths) * Sum::from(diff);
+        match kind {
             Kind::Sale => Sums {
                 sales: diff,
                 gross: amount,

@@ -7,6 +7,11 @@
 //! - `snapshot.bin`: the whole state, written to a temporary file, fsynced and renamed
 //!   over the old one; after that the log is emptied. Commits in the log that the
 //!   snapshot already holds (a crash between the two steps) are skipped at open.
+//!
+//! A snapshot is written once the log is larger than 64 MiB and than the last
+//! snapshot, so the bytes snapshots write stay proportional to the bytes committed
+//! however large the state grows (as Redis rewrites its append-only file once it has
+//! doubled).
 
 use super::{apply, check_views, Commit, Meta, RowMap, Store, StoreError, StoredRow};
 use serde::{Deserialize, Serialize};
@@ -14,7 +19,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-/// Write a snapshot once the log is this large.
+/// Write a snapshot once the log is this large (and larger than the last snapshot).
 const SNAPSHOT_AFTER: u64 = 64 << 20;
 
 pub struct EmbeddedStore {
@@ -25,12 +30,30 @@ pub struct EmbeddedStore {
     rows: RowMap,
     wal: File,
     wal_len: u64,
+    /// The size of the last snapshot written or read.
+    snapshot_len: u64,
 }
 
 #[derive(Serialize, Deserialize)]
 struct Snapshot {
     meta: Meta,
     rows: Vec<StoredRow>,
+}
+
+/// A [`Snapshot`] serialized from the live state, without copying its rows: the same
+/// bytes (a map entry serializes as the `(key, value)` pair a `StoredRow` is).
+#[derive(Serialize)]
+struct SnapshotOf<'a> {
+    meta: &'a Meta,
+    rows: RowsOf<'a>,
+}
+
+struct RowsOf<'a>(&'a RowMap);
+
+impl Serialize for RowsOf<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter())
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -93,8 +116,10 @@ impl EmbeddedStore {
             None
         };
         let snap_path = dir.join("snapshot.bin");
+        let mut snapshot_len = 0;
         let (mut meta, mut rows) = match File::open(&snap_path) {
             Ok(f) => {
+                snapshot_len = f.metadata().map_err(io(&snap_path))?.len();
                 let s: Snapshot = bincode::deserialize_from(BufReader::new(f)).map_err(|e| {
                     StoreError::Corrupt {
                         path: snap_path.display().to_string(),
@@ -138,20 +163,17 @@ impl EmbeddedStore {
             rows,
             wal,
             wal_len: good,
+            snapshot_len,
         })
     }
 
     fn snapshot(&mut self) -> Result<(), StoreError> {
         let tmp = self.dir.join("snapshot.bin.tmp");
         let f = File::create(&tmp).map_err(io(&tmp))?;
-        let mut w = BufWriter::new(f);
-        let snap = Snapshot {
-            meta: self.meta.clone(),
-            rows: self
-                .rows
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+        let mut w = BufWriter::with_capacity(1 << 20, f);
+        let snap = SnapshotOf {
+            meta: &self.meta,
+            rows: RowsOf(&self.rows),
         };
         bincode::serialize_into(&mut w, &snap).map_err(|e| StoreError::Io {
             path: tmp.display().to_string(),
@@ -159,6 +181,7 @@ impl EmbeddedStore {
         })?;
         let f = w.into_inner().map_err(|e| io(&tmp)(e.into_error()))?;
         f.sync_all().map_err(io(&tmp))?;
+        self.snapshot_len = f.metadata().map_err(io(&tmp))?.len();
         let dest = self.dir.join("snapshot.bin");
         std::fs::rename(&tmp, &dest).map_err(io(&dest))?;
         File::open(&self.dir)
@@ -208,7 +231,7 @@ impl Store for EmbeddedStore {
         let path = self.dir.join("wal.bin");
         super::frame::append(&mut self.wal, &mut self.wal_len, &body).map_err(io(&path))?;
         apply(&mut self.meta, &mut self.rows, c)?;
-        if self.wal_len > SNAPSHOT_AFTER {
+        if self.wal_len > SNAPSHOT_AFTER.max(self.snapshot_len) {
             self.snapshot()?;
         }
         Ok(())
