@@ -441,7 +441,7 @@ fn verify(
             continue;
         }
         // By group values borrowed from the events: a group's key is allocated once.
-        let mut by_group: HashMap<Vec<&str>, Sums> = HashMap::new();
+        let mut by_group: HashMap<Vec<&str>, Sums, ahash::RandomState> = HashMap::default();
         let mut g: Vec<&str> = Vec::with_capacity(view.group_by.len());
         for e in events {
             let (src, i) = (sources[e.src as usize], e.row as usize);
@@ -584,7 +584,7 @@ pub fn compact_day_with(
         }
     }
     let facts: u64 = staged.iter().map(|c| c.len() as u64).sum();
-    let mut mine: HashMap<&str, Vec<(u32, u32)>> = HashMap::new();
+    let mut mine: HashMap<&str, Vec<(u32, u32)>, ahash::RandomState> = HashMap::default();
     for (b, cols) in staged.iter().enumerate() {
         for i in 0..cols.len() {
             let prov = cols.provider(i).expect("staging files have providers");

@@ -61,6 +61,9 @@ pub struct StagingLog {
     path: PathBuf,
     file: File,
     len: u64,
+    /// The frame body being written, kept between epochs: a busy epoch's frame is tens
+    /// of MB, and a new buffer each time was faulted in afresh.
+    body: Vec<u8>,
 }
 
 /// Refuses a log shorter than what the store says is committed: the store's
@@ -111,6 +114,7 @@ impl StagingLog {
             path,
             file,
             len: committed_len,
+            body: Vec::new(),
         })
     }
 
@@ -120,8 +124,9 @@ impl StagingLog {
 
     /// Appends one epoch durably; returns the log's new length.
     pub fn append(&mut self, e: &StagedEpoch) -> io::Result<u64> {
-        let body = bincode::serialize(e).map_err(io::Error::other)?;
-        frame::append(&mut self.file, &mut self.len, &body)?;
+        self.body.clear();
+        bincode::serialize_into(&mut self.body, e).map_err(io::Error::other)?;
+        frame::append(&mut self.file, &mut self.len, &self.body)?;
         Ok(self.len)
     }
 

@@ -33,10 +33,10 @@ pub(super) fn admit<'s>(
         clock,
         keyed(|r: &Record| route(r.event.event_id.as_bytes())),
         "Admit",
-        move |epoch, mut batch: Vec<Record>, clock, out: &mut Vec<Result<Record, Out>>| {
+        move |epoch, batch: &mut Vec<Record>, clock, out: &mut Vec<Result<Record, Out>>| {
             let held = seen.len();
             batch.sort_unstable_by_key(|r| r.pos);
-            for r in batch {
+            for r in batch.drain(..) {
                 let fp = r.event.fingerprint();
                 let id = id_digest(&r.event.event_id);
                 match seen.get(&id) {

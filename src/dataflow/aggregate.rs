@@ -314,8 +314,8 @@ pub(super) fn explode<'s>(
         clock,
         Local,
         "Explode",
-        move |_e, batch: Vec<(Box<Event>, i64)>, _clock, out: &mut Vec<Partial>| {
-            for (e, diff) in &batch {
+        move |_e, batch: &mut Vec<(Box<Event>, i64)>, _clock, out: &mut Vec<Partial>| {
+            for (e, diff) in batch.iter() {
                 let tz = plan.zone(&e.provider_id);
                 windows.clear();
                 windows.extend(
@@ -324,6 +324,8 @@ pub(super) fn explode<'s>(
                         .map(|s| (*s, assigner.window(*s, tz, e.ts))),
                 );
                 let sums = Sums::of(e, *diff);
+                // Digested once per event, for every row with distinct customers.
+                let mut customer: Option<super::Digest> = None;
                 for (vi, v) in plan.views.iter().enumerate() {
                     for size in &v.windows {
                         let w = windows.iter().find(|(s, _)| s == size).expect("planned").1;
@@ -361,7 +363,8 @@ pub(super) fn explode<'s>(
                             });
                             acc.sums.plus_equals(&sums);
                             if v.customers {
-                                acc.customers.push((customer_digest(e), *diff));
+                                let c = *customer.get_or_insert_with(|| customer_digest(e));
+                                acc.customers.push((c, *diff));
                             }
                             if v.tickets && e.kind == Kind::Sale {
                                 acc.tickets.push((e.hundredths(), *diff));
@@ -403,6 +406,9 @@ pub(super) fn explode<'s>(
 struct RowState {
     sums: Sums,
     multisets: Option<Box<Multisets>>,
+    /// The last pass of the rows stage (one per epoch) that listed this row as touched,
+    /// with its value before the epoch (0: none). In what was the struct's padding.
+    pass: u32,
 }
 
 impl RowState {
@@ -510,16 +516,23 @@ pub(super) fn rows<'s>(
     // Rows with distinct customers close once their window is past the lateness.
     let mut closing: Expiry<RowId> = Expiry::default();
     let mut sealed_before = Millis::MIN;
+    // Per epoch: the touched rows with their values before it, the touched top-k
+    // groups (kept across epochs so they do not grow from empty every time). A row is
+    // listed once: its state carries the pass that listed it last (see `RowState::pass`),
+    // so no second map of the epoch's rows is needed.
+    let mut before: Vec<(RowId, Option<RowValue>)> = Vec::new();
+    let mut touched_tops: Vec<RowId> = Vec::new();
+    let mut pass: u32 = 0;
     epochs(
         partial,
         clock,
         keyed(Partial::route),
         "Rows",
-        move |epoch, batch: Vec<Partial>, clock, out: &mut Vec<super::Out>| {
+        move |epoch, batch: &mut Vec<Partial>, clock, out: &mut Vec<super::Out>| {
             let held = rows.len() + tops.len();
-            let mut before: Map<RowId, Option<RowValue>> = Map::default();
-            let mut touched_tops: Vec<RowId> = Vec::new();
-            for p in batch {
+            // Never 0, the pass of a row no epoch has listed yet.
+            pass = pass.wrapping_add(1).max(1);
+            for p in batch.drain(..) {
                 // A change to a sealed window cannot happen (see the module docs); if it
                 // ever did, applying it would overwrite a committed row with a partial one.
                 let (id, key, end) = match &p {
@@ -544,11 +557,15 @@ pub(super) fn rows<'s>(
                         tickets,
                         ..
                     } => {
-                        if !customers.is_empty() && !rows.contains_key(&id) {
+                        let (state, new) =
+                            slot(&mut rows, &mut expiry, id, key, end.saturating_add(keep));
+                        if new && !customers.is_empty() {
                             closing.at(end.saturating_add(rules.lateness), id);
                         }
-                        let state = slot(&mut rows, &mut expiry, id, key, end.saturating_add(keep));
-                        before.entry(id).or_insert_with(|| state.value());
+                        if state.pass != pass {
+                            state.pass = pass;
+                            before.push((id, state.value()));
+                        }
                         state.sums.plus_equals(&sums);
                         if !customers.is_empty() || !tickets.is_empty() {
                             let m = state.multisets.get_or_insert_with(Default::default);
@@ -563,22 +580,25 @@ pub(super) fn rows<'s>(
                     Partial::Member {
                         key, member, sums, ..
                     } => {
-                        let state = slot(&mut tops, &mut expiry, id, key, end.saturating_add(keep));
+                        let (state, _) =
+                            slot(&mut tops, &mut expiry, id, key, end.saturating_add(keep));
                         state.members.entry(member).or_default().plus_equals(&sums);
                         touched_tops.push(id);
                     }
                 }
             }
-            for (id, old) in before {
-                let new = rows.get(&id).and_then(|(_, s)| s.value());
-                let key = if new.is_none() {
-                    rows.remove(&id).map(|(k, _)| k)
-                } else {
-                    rows.get(&id).map(|(k, _)| k.clone())
+            for (id, old) in before.drain(..) {
+                let (key, state) = rows.get(&id).expect("touched rows exist");
+                let new = state.value();
+                // A row left with no counted event leaves the state, changed or not.
+                let key = match (&new, new == old) {
+                    (None, _) => rows.remove(&id).expect("touched rows exist").0,
+                    (Some(_), true) => continue,
+                    (Some(_), false) => key.clone(),
                 };
                 if new != old {
                     out.push(super::Out::Row(Box::new(RowUpdate {
-                        key: key.expect("touched rows exist"),
+                        key,
                         rank: 0,
                         value: new,
                     })));
@@ -586,7 +606,7 @@ pub(super) fn rows<'s>(
             }
             touched_tops.sort_unstable();
             touched_tops.dedup();
-            for id in touched_tops {
+            for id in touched_tops.drain(..) {
                 let (key, state) = tops.get_mut(&id).expect("touched");
                 let top = plan.views[key.view as usize]
                     .top
@@ -631,21 +651,22 @@ pub(super) fn rows<'s>(
     )
 }
 
-/// A row's state, created (with its seal time) on first touch.
+/// A row's state, created (with its seal time) on first touch; whether it was.
 fn slot<'a, S: Default>(
     map: &'a mut Map<RowId, (RowKey, S)>,
     expiry: &mut Expiry<RowId>,
     id: RowId,
     key: RowKey,
     seal: Millis,
-) -> &'a mut S {
-    &mut map
-        .entry(id)
-        .or_insert_with(|| {
+) -> (&'a mut S, bool) {
+    use std::collections::hash_map::Entry;
+    match map.entry(id) {
+        Entry::Occupied(o) => (&mut o.into_mut().1, false),
+        Entry::Vacant(v) => {
             expiry.at(seal, id);
-            (key, S::default())
-        })
-        .1
+            (&mut v.insert((key, S::default())).1, true)
+        }
+    }
 }
 
 fn bump<K>(map: &mut impl MultiSet<K>, k: K, d: i64) {

@@ -273,10 +273,10 @@ pub(super) fn voids<'s>(
         clock,
         keyed(|v: &Visit| route(v.key().as_bytes())),
         "Voids",
-        move |epoch, mut batch: Vec<Visit>, clock, out: &mut Vec<Result<Counted, Out>>| {
+        move |epoch, batch: &mut Vec<Visit>, clock, out: &mut Vec<Result<Counted, Out>>| {
             let held = slots.len();
             batch.sort_unstable_by_key(Visit::order);
-            for v in batch {
+            for v in batch.drain(..) {
                 let key = id_digest(v.key());
                 let slot = slots
                     .entry(key)
