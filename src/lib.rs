@@ -37,8 +37,9 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Tunes the allocator; call first thing in `main`. Freed pages are kept for a second
-/// before being handed back: with mimalloc's default 10 ms the kernel zeroed the same
-/// pages again and again (measured: a third of the ingest thread's time).
+/// before being handed back: with mimalloc v2's default 10 ms the kernel zeroed the same
+/// pages again and again (measured: a third of the ingest thread's time). The mimalloc
+/// built here (v3) has 1 s as its default already; this pins it.
 pub fn tune_allocator() {
     /// `mi_option_purge_delay` in mimalloc.h (v2 and v3).
     const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
