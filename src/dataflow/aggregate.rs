@@ -590,13 +590,14 @@ pub(super) fn rows<'s>(
             for (id, old) in before.drain(..) {
                 let (key, state) = rows.get(&id).expect("touched rows exist");
                 let new = state.value();
+                let changed = new != old;
                 // A row left with no counted event leaves the state, changed or not.
-                let key = match (&new, new == old) {
-                    (None, _) => rows.remove(&id).expect("touched rows exist").0,
-                    (Some(_), true) => continue,
-                    (Some(_), false) => key.clone(),
+                let key = match new {
+                    None => rows.remove(&id).expect("touched rows exist").0,
+                    Some(_) if changed => key.clone(),
+                    Some(_) => continue,
                 };
-                if new != old {
+                if changed {
                     out.push(super::Out::Row(Box::new(RowUpdate {
                         key,
                         rank: 0,
