@@ -635,7 +635,10 @@ fn admin_replay_runs_one_replay_at_a_time_and_reports_how_it_ended() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
+    // Long enough for the first request to reach the server (a client start and a
+    // connect), short of the first replay's end: 700 ms was past it in 2 of 4 full-suite
+    // runs once the pipeline got faster (the second replay then ran, not refused).
+    std::thread::sleep(Duration::from_millis(250));
     let second = query(&["replay", "--into", "other", s(&full)]);
     let first = slow.wait_with_output().unwrap();
     let (out, err) = (
