@@ -8,7 +8,7 @@ mod common;
 
 use common::tally;
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use tally::pipeline::{Pipeline, DEFAULT_PIPELINE};
@@ -588,12 +588,16 @@ fn a_day_that_does_not_verify_is_not_published() {
     let input = generate(tmp.path(), "12000", "74");
     let (full, short) = (tmp.path().join("full"), tmp.path().join("short"));
     let pipe = pipeline_with(tmp.path(), "schedule = false");
-    common::run_until_eof(&input, &full, None, Some(&pipe), None);
+    let (full_export, short_export) = (
+        tmp.path().join("full.jsonl"),
+        tmp.path().join("short.jsonl"),
+    );
+    common::run_until_eof(&input, &full, None, Some(&pipe), Some(&full_export));
     let fewer = tmp.path().join("fewer.jsonl");
     let text = std::fs::read_to_string(&input).unwrap();
     let kept: Vec<&str> = text.lines().skip(300).collect();
     std::fs::write(&fewer, kept.join("\n") + "\n").unwrap();
-    common::run_until_eof(&fewer, &short, None, Some(&pipe), None);
+    common::run_until_eof(&fewer, &short, None, Some(&pipe), Some(&short_export));
     let lake = full.join("lake");
     let day = staged_dates(&lake)[0].clone();
     let staging_before = tree(&lake.join(format!("staging/date={day}")));
@@ -614,6 +618,39 @@ fn a_day_that_does_not_verify_is_not_published() {
     );
     let reports = tree(&lake.join(format!("reports/date={day}")));
     assert!(!reports.is_empty());
+    // The provider_window day rows of each store, as their exports give them: the
+    // report's figures for that view are exactly where they differ, store (the short
+    // run's) against lake (the full run's facts), in group order.
+    let (held, facts) = (
+        export_day_figures(&pipeline(), &short_export),
+        export_day_figures(&pipeline(), &full_export),
+    );
+    let names = [
+        "sales_count",
+        "gross_amount",
+        "refunds_count",
+        "refunds_amount",
+    ];
+    let mut expected: Vec<(String, String, String, String, String)> = Vec::new();
+    for key in held.keys().chain(facts.keys()).collect::<BTreeSet<_>>() {
+        let (date, prov, currency) = key;
+        if *date != day {
+            continue;
+        }
+        let zero = vec!["0".to_owned(), "0.00".into(), "0".into(), "0.00".into()];
+        let (a, b) = (
+            held.get(key).unwrap_or(&zero),
+            facts.get(key).unwrap_or(&zero),
+        );
+        for (i, figure) in names.iter().enumerate() {
+            if a[i] != b[i] {
+                let (p, c, f) = (prov.clone(), currency.clone(), figure.to_string());
+                expected.push((p, c, f, a[i].clone(), b[i].clone()));
+            }
+        }
+    }
+    assert!(!expected.is_empty());
+    let mut reported = Vec::new();
     for (name, bytes) in &reports {
         let r: Value = serde_json::from_slice(bytes).unwrap();
         let prov = r["provider_id"].as_str().unwrap();
@@ -623,8 +660,21 @@ fn a_day_that_does_not_verify_is_not_published() {
         for d in diffs {
             assert_eq!(d["group"][0], prov);
             assert_ne!(d["store"], d["lake"]);
+            if d["view"] == "provider_window" {
+                let text = |v: &Value| v.as_str().unwrap().to_owned();
+                assert_eq!(d["group"].as_array().unwrap().len(), 2, "{d}");
+                reported.push((
+                    text(&d["group"][0]),
+                    text(&d["group"][1]),
+                    text(&d["figure"]),
+                    text(&d["store"]),
+                    text(&d["lake"]),
+                ));
+            }
         }
     }
+    // Reports are read in provider order; within one, groups come in order.
+    assert_eq!(reported, expected);
     // A provider that has nothing that day is refused, naming it.
     let mut c = tally();
     c.args(["compact", "--quiet", "--date", &day, "--provider", "nobody"])

@@ -440,36 +440,61 @@ fn verify(
         if view.top_k.is_some() || !view.windows.contains(&WindowSize::LocalDay) {
             continue;
         }
-        // By group values borrowed from the events: a group's key is allocated once.
-        let mut by_group: HashMap<Vec<&str>, Sums, ahash::RandomState> = HashMap::default();
-        let mut g: Vec<&str> = Vec::with_capacity(view.group_by.len());
+        // Both sides by a 128-bit digest of the group's values (each length-prefixed,
+        // so values cannot run into each other): an event costs one digest and one
+        // probe, and a group's values are only spelled out when its figures differ. A
+        // collision of two groups is as unlikely as one of two event ids, whose
+        // digests are as wide. The lake's groups keep their first event to name them.
+        let mut key: Vec<u8> = Vec::with_capacity(128);
+        let mut digest = |values: &mut dyn Iterator<Item = &str>| {
+            key.clear();
+            for v in values {
+                key.extend_from_slice(&(v.len() as u32).to_le_bytes());
+                key.extend_from_slice(v.as_bytes());
+            }
+            xxhash_rust::xxh3::xxh3_128(&key)
+        };
+        let mut lake: HashMap<u128, (Pick, Sums), ahash::RandomState> = HashMap::default();
         for e in events {
             let (src, i) = (sources[e.src as usize], e.row as usize);
-            g.clear();
-            g.extend(view.group_by.iter().map(|f| value(src, i, prov, f)));
-            let s = match by_group.get_mut(g.as_slice()) {
-                Some(s) => s,
-                None => by_group.entry(g.clone()).or_default(),
-            };
+            let g = digest(&mut view.group_by.iter().map(|f| value(src, i, prov, f)));
+            let (_, s) = lake.entry(g).or_insert_with(|| (*e, Sums::default()));
             add(s, sums_of(src, i));
         }
-        let lake: BTreeMap<Vec<String>, Sums> = by_group
-            .into_iter()
-            .map(|(g, s)| (g.into_iter().map(str::to_owned).collect(), s))
-            .collect();
-        let mut held: BTreeMap<Vec<String>, Sums> = BTreeMap::new();
+        let mut held: HashMap<u128, (&RowKey, Sums), ahash::RandomState> = HashMap::default();
         for ((key, _), v) in store.iter().map(|x| (&x.0, &x.1)) {
             if key.view as usize == vi && key.size == WindowSize::LocalDay && key.start == day_start
             {
-                held.insert(key.group.iter().map(|g| g.to_string()).collect(), v.sums);
+                let g = digest(&mut key.group.iter().map(|g| g.as_str()));
+                held.insert(g, (key, v.sums));
             }
         }
-        let groups: BTreeSet<&Vec<String>> = lake.keys().chain(held.keys()).collect();
-        for g in groups {
+        let mut differ = Vec::new();
+        let lake_only = lake.keys().filter(|g| !held.contains_key(*g));
+        for g in held.keys().chain(lake_only) {
             let (a, b) = (
-                held.get(g).copied().unwrap_or_default(),
-                lake.get(g).copied().unwrap_or_default(),
+                held.get(g).map(|h| h.1).unwrap_or_default(),
+                lake.get(g).map(|l| l.1).unwrap_or_default(),
             );
+            if (a.sales, a.gross, a.refunds, a.refunds_amount)
+                == (b.sales, b.gross, b.refunds, b.refunds_amount)
+            {
+                continue;
+            }
+            let group: Vec<String> = match (held.get(g), lake.get(g)) {
+                (Some((key, _)), _) => key.group.iter().map(|v| v.to_string()).collect(),
+                (None, Some((e, _))) => {
+                    let (src, i) = (sources[e.src as usize], e.row as usize);
+                    let g = view.group_by.iter();
+                    g.map(|f| value(src, i, prov, f).to_owned()).collect()
+                }
+                (None, None) => unreachable!("a group of either side"),
+            };
+            differ.push((group, a, b));
+        }
+        // Reported by group, as a reader looks for them.
+        differ.sort_unstable_by(|x, y| x.0.cmp(&y.0));
+        for (g, a, b) in differ {
             let count = |x: i64| x.to_string();
             let money = |x: Sum| format_hundredths(x);
             for (figure, sv, lv) in [
@@ -797,8 +822,9 @@ fn compact_provider(
     audit.extend(voids.into_values());
     let ts = |e: &Pick| sources[e.src as usize].ts.value(e.row as usize);
     let id = |e: &Pick| sources[e.src as usize].id.value(e.row as usize);
-    // Ids are unique among the events, so the order is total.
-    events.sort_unstable_by(|a, b| ts(a).cmp(&ts(b)).then_with(|| id(a).cmp(id(b))));
+    // Ids are unique among the events, so the order is total. Each key is read from
+    // the columns once, not twice per comparison.
+    events.sort_by_cached_key(|e| (ts(e), id(e)));
     audit.sort_unstable_by(|a, b| {
         let t = |r: &Pick| r.target_ts.unwrap_or_else(|| ts(r));
         (t(a), a.tag == "void", id(a)).cmp(&(t(b), b.tag == "void", id(b)))
@@ -902,10 +928,15 @@ fn compact_provider(
         if rows.is_empty() {
             continue;
         }
-        // Each row's sort key is built once (not twice per comparison).
+        // Each row's sort key is read once (not twice per comparison), its window's
+        // label and group borrowed.
+        let sizes: BTreeSet<WindowSize> = rows.iter().map(|r| r.0 .0.size).collect();
+        let labels: BTreeMap<WindowSize, String> =
+            sizes.into_iter().map(|w| (w, w.label())).collect();
         rows.sort_by_cached_key(|r| {
+            let r: &StoredRow = r;
             let key: &RowKey = &r.0 .0;
-            (key.size.label(), key.start, key.group.clone(), r.0 .1)
+            (labels[&key.size].as_str(), key.start, &key.group, r.0 .1)
         });
         let bytes = aggregates_file(view, &rows, s).map_err(parquet)?;
         let mut list = Vec::new();

@@ -59,6 +59,7 @@ impl Scheduler {
         let worker = std::thread::Builder::new()
             .name("tally-compactor".into())
             .spawn(move || {
+                background_priority();
                 for job in rx {
                     run_job(&lake, &p, job);
                 }
@@ -112,6 +113,30 @@ impl Scheduler {
     }
 }
 
+/// Lowers the calling thread's CPU priority to nice 10, as databases run their
+/// compactions: when the cores are busy, the worker and committer (freshness) go first
+/// and compaction takes what they leave; on idle cores it runs at full speed. Linux
+/// keeps a nice value per thread, so the rest of the process is untouched. A failure
+/// (a sandbox that forbids it) leaves the priority as it was; elsewhere than on Linux
+/// it does nothing.
+#[cfg(target_os = "linux")]
+fn background_priority() {
+    // SAFETY: plain system calls on the calling thread's own id.
+    let r = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10)
+    };
+    if r != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "the compactor keeps its CPU priority"
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn background_priority() {}
+
 /// When the last of `providers` closes `date`, plus the allowed lateness.
 fn closes(p: &Pipeline, date: &str, providers: &BTreeSet<String>) -> Option<Millis> {
     let day = compact::parse_date(date).ok()?;
@@ -150,5 +175,29 @@ fn run_job(lake: &Lake, p: &Pipeline, job: Job) {
         Err(e) => {
             tracing::error!(date = %job.date, error = %e, "compaction failed; the previous version is kept, it is tried again when the day gets new facts or at the next start");
         }
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    /// The nice value of the calling thread, from `/proc/thread-self/stat`.
+    fn nice() -> i64 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        // Fields after the command (which may hold spaces) start at state, field 3.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        rest.split(' ').nth(19 - 3).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn the_compactor_thread_runs_at_nice_10_and_leaves_the_others_alone() {
+        let before = nice();
+        let inside = std::thread::spawn(|| {
+            super::background_priority();
+            nice()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(inside, (before + 10).min(19));
+        assert_eq!(nice(), before, "the calling thread's priority changed");
     }
 }
