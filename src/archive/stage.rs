@@ -137,7 +137,7 @@ impl Stager {
 
     /// Takes an epoch's facts (an epoch already in the lake is ignored); `names`
     /// names the sources by index.
-    pub fn add(&mut self, epoch: Epoch, facts: Vec<Fact>, names: &[String]) {
+    pub fn add(&mut self, epoch: Epoch, facts: impl IntoIterator<Item = Fact>, names: &[String]) {
         if epoch <= self.staged {
             return;
         }

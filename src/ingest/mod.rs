@@ -707,6 +707,8 @@ fn commit_loop(
 ) -> Result<(), RunError> {
     let mut pending: BTreeMap<Epoch, PendingEpoch> = BTreeMap::new();
     let mut last_clock: Option<Millis> = None;
+    // Each committed epoch's facts, on their way to the lake's stager.
+    let mut facts: Vec<Fact> = Vec::new();
     let mut metas_open = true;
     let mut outputs_open = true;
     // Once both channels are closed nothing more can arrive: an epoch still pending
@@ -767,20 +769,22 @@ fn commit_loop(
             }
             let p = first.remove();
             let m = p.meta.expect("ready");
-            let (facts, out): (Vec<Out>, Vec<Out>) =
-                p.out.into_iter().partition(|o| matches!(o, Out::Fact(_)));
-            let facts: Vec<Fact> = facts
-                .into_iter()
-                .filter_map(|o| match o {
-                    Out::Fact(f) => Some(*f),
-                    _ => None,
-                })
-                .collect();
+            // The facts leave the epoch's output in place, into a buffer kept from
+            // epoch to epoch: no vector is allocated for either part.
+            let mut out = p.out;
+            facts.extend(
+                out.extract_if(.., |o| matches!(o, Out::Fact(_)))
+                    .map(|o| match o {
+                        Out::Fact(f) => *f,
+                        _ => unreachable!("only facts are extracted"),
+                    }),
+            );
             let (epoch, names) = (m.epoch, Arc::clone(&m.names));
             if m.replay || m.epoch <= committed {
                 if let Some(st) = &mut archive.stager {
-                    st.add(epoch, facts, &names);
+                    st.add(epoch, facts.drain(..), &names);
                 }
+                facts.clear();
                 continue;
             }
             let report = commit_epoch(
@@ -791,7 +795,7 @@ fn commit_loop(
                 out,
                 feed.as_deref(),
             )?;
-            archive.committed(&mut *store, epoch, report.clock, facts, &names, false)?;
+            archive.committed(&mut *store, epoch, report.clock, &mut facts, &names, false)?;
             last_clock = Some(report.clock);
             record(&report);
             let _ = permits.try_recv();
@@ -803,7 +807,7 @@ fn commit_loop(
     }
     // Stage what is buffered, and compact the days closed by now.
     if let Some(clock) = last_clock {
-        archive.committed(&mut *store, 0, clock, Vec::new(), &[], true)?;
+        archive.committed(&mut *store, 0, clock, &mut Vec::new(), &[], true)?;
     } else if let Some(st) = &mut archive.stager {
         if let Err(e) = st.flush() {
             tracing::warn!(error = %e, "staging to the lake failed at shutdown; the next start stages it again");
@@ -826,14 +830,15 @@ impl Archive {
         store: &mut dyn Store,
         epoch: Epoch,
         clock: Millis,
-        facts: Vec<Fact>,
+        facts: &mut Vec<Fact>,
         names: &[String],
         now: bool,
     ) -> Result<(), RunError> {
         let Some(st) = &mut self.stager else {
+            facts.clear();
             return Ok(());
         };
-        st.add(epoch, facts, names);
+        st.add(epoch, facts.drain(..), names);
         let due = self
             .scheduler
             .as_ref()
