@@ -23,11 +23,15 @@
 //! day. A mismatch publishes nothing, writes a report naming the figures that differ,
 //! and counts `tally_compactions_total{outcome="mismatch"}`.
 //!
+//! Providers of a day are compacted in parallel (one thread per core, the biggest
+//! first); each is built and written on its own, and only the manifest joins them.
+//!
 //! Publishing: files are written under `_tmp/`, moved to their final names (each name
 //! holds a digest of its bytes, so a new version never overwrites the published one),
 //! then the day's manifest is written, once for all its providers: that write is the
 //! publication, so a reader of the manifest sees the whole day at one version. Files of
-//! the previous version are deleted after it, staging files of the day once every
+//! the previous version (and, on a local lake, what a put cut short by a crash left)
+//! are deleted after it, staging files of the day once every
 //! provider of the day is published. A rerun builds the same bytes: when the manifest already
 //! says so it writes nothing. A kill at any point leaves the previous manifest and its
 //! files readable; the next run completes.
@@ -655,6 +659,23 @@ pub fn compact_day_with(
         }
     }
     step(Step::Start(providers.len()));
+    // Providers are compacted on up to one thread per core, biggest first (by
+    // staged facts), so the busiest provider does not start last; the calling thread
+    // takes the results as they come and applies them to the manifest. A failure
+    // stops handing out providers; the day is then published by none (the manifest
+    // is written only after every provider is done).
+    let mut work: Vec<(String, Vec<(u32, u32)>)> = providers
+        .into_iter()
+        .map(|prov| {
+            let m = mine.remove(prov.as_str()).unwrap_or_default();
+            (prov, m)
+        })
+        .collect();
+    work.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then_with(|| a.0.cmp(&b.0)));
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(work.len())
+        .max(1);
     let mut outcomes = Vec::new();
     let mut cleanups = Vec::new();
     let mut changed = false;
@@ -662,42 +683,85 @@ pub fn compact_day_with(
         metrics::counter!(crate::metrics::COMPACTIONS, "outcome" => "failed").increment(1);
         e
     };
-    for prov in providers {
-        let t = Instant::now();
-        let o = compact_provider(
-            lake,
-            p,
-            &settings,
-            date,
-            day,
-            &prov,
-            &staged,
-            mine.remove(prov.as_str()).unwrap_or_default(),
-            day_rows
-                .get(&prov)
-                .map(|v| v.as_slice())
-                .unwrap_or_default(),
-            &mut man,
-        );
-        let (o, cleanup) = o.map_err(failed)?;
-        metrics::histogram!(crate::metrics::COMPACTION_SECONDS).record(t.elapsed().as_secs_f64());
-        cleanups.extend(cleanup);
-        match &o {
-            Outcome::Published { .. } => changed = true,
-            Outcome::Mismatch { report, diffs } => {
-                tracing::error!(
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let queue = std::sync::Mutex::new(std::collections::VecDeque::from(work));
+    let mut error = None;
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for _ in 0..threads {
+            let tx = tx.clone();
+            let (queue, stop, man) = (&queue, &stop, &man);
+            let (settings, staged, day_rows) = (&settings, &staged, &day_rows);
+            scope.spawn(move || loop {
+                use std::sync::atomic::Ordering::Relaxed;
+                let taken = queue.lock().expect("no panic holds it").pop_front();
+                let Some((prov, mine)) = taken.filter(|_| !stop.load(Relaxed)) else {
+                    break;
+                };
+                let t = Instant::now();
+                let o = compact_provider(
+                    lake,
+                    p,
+                    settings,
                     date,
-                    provider = %prov,
-                    differences = diffs.len(),
-                    report = %report,
-                    "compaction verification failed: the lake's figures differ from the store's; the previous version is kept"
+                    day,
+                    &prov,
+                    staged,
+                    mine,
+                    day_rows
+                        .get(&prov)
+                        .map(|v| v.as_slice())
+                        .unwrap_or_default(),
+                    man.providers.get(&prov),
                 );
-            }
-            Outcome::Unchanged { .. } => {}
+                if o.is_err() {
+                    stop.store(true, Relaxed);
+                }
+                if tx.send((prov, o, t.elapsed())).is_err() {
+                    break;
+                }
+            });
         }
-        step(Step::Done(&prov, &o));
-        outcomes.push((prov, o));
+        drop(tx);
+        let mut entries = Vec::new();
+        for (prov, o, took) in rx {
+            let (o, cleanup, entry) = match o {
+                Ok(done) => done,
+                Err(e) => {
+                    error.get_or_insert(failed(e));
+                    continue;
+                }
+            };
+            metrics::histogram!(crate::metrics::COMPACTION_SECONDS).record(took.as_secs_f64());
+            cleanups.extend(cleanup);
+            match &o {
+                Outcome::Published { .. } => changed = true,
+                Outcome::Mismatch { report, diffs } => {
+                    tracing::error!(
+                        date,
+                        provider = %prov,
+                        differences = diffs.len(),
+                        report = %report,
+                        "compaction verification failed: the lake's figures differ from the store's; the previous version is kept"
+                    );
+                }
+                Outcome::Unchanged { .. } => {}
+            }
+            step(Step::Done(&prov, &o));
+            entries.extend(entry.map(|e| (prov.clone(), e)));
+            outcomes.push((prov, o));
+        }
+        // Applied once every thread is done reading the manifest.
+        entries
+    })
+    .into_iter()
+    .for_each(|(prov, e)| {
+        man.providers.insert(prov, e);
+    });
+    if let Some(e) = error {
+        return Err(e);
     }
+    outcomes.sort_by(|a, b| a.0.cmp(&b.0));
     // The publication: one write, every provider of the day at once.
     if changed {
         lake.put(
@@ -752,13 +816,12 @@ fn compact_provider(
     staged: &[Cols],
     mine: Vec<(u32, u32)>,
     store: &[&StoredRow],
-    man: &mut Manifest,
-) -> Result<(Outcome, Option<Cleanup>), CompactError> {
+    published: Option<&ProviderDay>,
+) -> Result<(Outcome, Option<Cleanup>, Option<ProviderDay>), CompactError> {
     // The sources, in the order their facts apply: the published events, the
     // published audit, then the staged facts.
-    let published = man.providers.get(prov).cloned();
     let mut read: Vec<(Cols, bool)> = Vec::new();
-    if let Some(old) = &published {
+    if let Some(old) = published {
         for (files, layout) in [(&old.events, EVENTS), (&old.audit, AUDIT)] {
             for f in files {
                 let cols = read_cols(lake, &f.path, layout, false)?.unwrap_or_default();
@@ -847,6 +910,7 @@ fn compact_provider(
                 report: path,
                 diffs,
             },
+            None,
             None,
         ));
     }
@@ -951,8 +1015,8 @@ fn compact_provider(
         keep: files.iter().map(|(p, _, _)| p.clone()).collect(),
         report: format!("reports/date={date}/provider_id={prov}.json"),
     };
-    if published.as_ref() == Some(&entry) {
-        return Ok((Outcome::Unchanged { rows: entry.rows }, Some(cleanup)));
+    if published == Some(&entry) {
+        return Ok((Outcome::Unchanged { rows: entry.rows }, Some(cleanup), None));
     }
     for (path, bytes, _) in &files {
         lake.put(&format!("{tmp}/{path}"), bytes.clone())?;
@@ -962,7 +1026,6 @@ fn compact_provider(
         lake.rename(&format!("{tmp}/{path}"), path)?;
     }
     failpoint("moved");
-    man.providers.insert(prov.to_owned(), entry.clone());
     let bytes = files.iter().map(|(_, b, _)| b.len() as u64).sum();
     Ok((
         Outcome::Published {
@@ -971,6 +1034,7 @@ fn compact_provider(
             bytes,
         },
         Some(cleanup),
+        Some(entry),
     ))
 }
 
@@ -990,6 +1054,9 @@ impl Cleanup {
                     lake.delete(&path)?;
                 }
             }
+            // A crash during a put (another provider's thread stopping the process,
+            // or a kill) leaves a partial file listings do not show.
+            lake.sweep_unfinished(dir)?;
         }
         lake.delete(&self.report)?;
         Ok(())

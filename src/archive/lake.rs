@@ -29,6 +29,8 @@ pub struct Lake {
     store: Arc<dyn ObjectStore>,
     /// How the lake was named, for errors and logs.
     name: String,
+    /// A local lake's directory.
+    local: Option<std::path::PathBuf>,
     rt: tokio::runtime::Runtime,
 }
 
@@ -46,6 +48,7 @@ impl Lake {
             .enable_all()
             .build()
             .map_err(|e| fail("runtime", e.to_string()))?;
+        let mut local = None;
         let (store, name): (Arc<dyn ObjectStore>, String) =
             if let Some(rest) = spec.strip_prefix("s3://") {
                 let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -76,12 +79,19 @@ impl Lake {
                 let dir = data_dir.join(spec.strip_prefix("file://").unwrap_or(spec));
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| fail(&dir.display().to_string(), e.to_string()))?;
-                let local = object_store::local::LocalFileSystem::new_with_prefix(&dir)
+                let store = object_store::local::LocalFileSystem::new_with_prefix(&dir)
                     .map_err(|e| fail(&dir.display().to_string(), e.to_string()))?
                     .with_automatic_cleanup(true);
-                (Arc::new(local), dir.display().to_string())
+                let name = dir.display().to_string();
+                local = Some(dir);
+                (Arc::new(store), name)
             };
-        Ok(Lake { store, name, rt })
+        Ok(Lake {
+            store,
+            name,
+            local,
+            rt,
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -148,11 +158,85 @@ impl Lake {
         }
     }
 
+    /// Removes, under `prefix`, what puts cut short by a crash left on a local lake,
+    /// and returns how many. A local put writes `<name>#<n>` and renames it into
+    /// place; listings hide such files, so nothing else would ever remove them. S3
+    /// has none (an upload that never completed is no object). Call it only where no
+    /// put can be in flight: on a compaction's own folders, once it is done.
+    pub fn sweep_unfinished(&self, prefix: &str) -> Result<usize, LakeError> {
+        fn walk(dir: &Path, removed: &mut usize) -> std::io::Result<()> {
+            let entries = match std::fs::read_dir(dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            for entry in entries {
+                let entry = entry?;
+                if entry.file_type()?.is_dir() {
+                    walk(&entry.path(), removed)?;
+                    continue;
+                }
+                let name = entry.file_name();
+                let unfinished = name
+                    .to_str()
+                    .and_then(|n| n.rsplit_once('#'))
+                    .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+                if unfinished {
+                    std::fs::remove_file(entry.path())?;
+                    *removed += 1;
+                }
+            }
+            Ok(())
+        }
+        let Some(root) = &self.local else {
+            return Ok(0);
+        };
+        let mut removed = 0;
+        walk(&root.join(prefix), &mut removed).map_err(|e| self.err(prefix, e))?;
+        Ok(removed)
+    }
+
     /// Moves `from` to `to` (replacing it).
     pub fn rename(&self, from: &str, to: &str) -> Result<(), LakeError> {
         let (f, t) = (ObjPath::from(from), ObjPath::from(to));
         self.rt
             .block_on(self.store.rename(&f, &t))
             .map_err(|e| self.err(&format!("{from} -> {to}"), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sweep_removes_only_the_partial_files_of_puts_cut_short() {
+        let tmp = tempfile::tempdir().unwrap();
+        let lake = Lake::open("lake", tmp.path()).unwrap();
+        lake.put("events/date=D/provider_id=p/part-1.parquet", vec![1])
+            .unwrap();
+        lake.put("events/date=D/provider_id=p/a#b", vec![2])
+            .unwrap();
+        let dir = tmp.path().join("lake/events/date=D/provider_id=p");
+        // What a put cut short leaves (object_store's staging name), and one elsewhere.
+        std::fs::write(dir.join("part-2.parquet#1"), b"partial").unwrap();
+        std::fs::create_dir_all(tmp.path().join("lake/audit")).unwrap();
+        std::fs::write(tmp.path().join("lake/audit/x#7"), b"partial").unwrap();
+        assert_eq!(
+            lake.list("events").unwrap().len(),
+            2,
+            "listings hide the partial file"
+        );
+        let before = lake.list("events").unwrap();
+        assert_eq!(lake.sweep_unfinished("events").unwrap(), 1);
+        assert!(!dir.join("part-2.parquet#1").exists());
+        // Objects stay, the one with '#' in its name too (stored escaped).
+        assert_eq!(lake.list("events").unwrap(), before);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
+        assert!(
+            tmp.path().join("lake/audit/x#7").exists(),
+            "outside the prefix"
+        );
+        assert_eq!(lake.sweep_unfinished("nothing/here").unwrap(), 0);
     }
 }

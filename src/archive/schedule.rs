@@ -116,7 +116,8 @@ impl Scheduler {
 /// Lowers the calling thread's CPU priority to nice 10, as databases run their
 /// compactions: when the cores are busy, the worker and committer (freshness) go first
 /// and compaction takes what they leave; on idle cores it runs at full speed. Linux
-/// keeps a nice value per thread, so the rest of the process is untouched. A failure
+/// keeps a nice value per thread, so the rest of the process is untouched; the
+/// threads a compaction starts for its providers inherit it. A failure
 /// (a sandbox that forbids it) leaves the priority as it was; elsewhere than on Linux
 /// it does nothing.
 #[cfg(target_os = "linux")]
