@@ -487,14 +487,24 @@ pub fn write_parquet(
     batches: &[RecordBatch],
     props: parquet::file::properties::WriterProperties,
 ) -> Result<Vec<u8>, parquet::errors::ParquetError> {
-    let schema = batches
-        .first()
-        .map(|b| b.schema())
+    write_parquet_from(batches.iter().cloned(), props)
+}
+
+/// Record batches made one at a time, each dropped once written, to one Parquet
+/// file's bytes: only one batch's arrays are in memory at once.
+pub fn write_parquet_from(
+    mut batches: impl Iterator<Item = RecordBatch>,
+    props: parquet::file::properties::WriterProperties,
+) -> Result<Vec<u8>, parquet::errors::ParquetError> {
+    let first = batches
+        .next()
         .ok_or_else(|| parquet::errors::ParquetError::General("no batch to write".into()))?;
     let mut buf = Vec::new();
-    let mut w = parquet::arrow::ArrowWriter::try_new(&mut buf, schema, Some(props))?;
+    let mut w = parquet::arrow::ArrowWriter::try_new(&mut buf, first.schema(), Some(props))?;
+    w.write(&first)?;
+    drop(first);
     for b in batches {
-        w.write(b)?;
+        w.write(&b)?;
     }
     w.close()?;
     Ok(buf)
@@ -573,6 +583,31 @@ mod tests {
                 .collect();
             assert_eq!(back, expect, "{layout:?}");
         }
+    }
+
+    #[test]
+    fn batches_written_one_at_a_time_read_back_as_one_file_of_every_row_in_order() {
+        let rows: Vec<Row> = (0..5)
+            .map(|i| Row {
+                tag: if i % 2 == 0 { "counted" } else { "voided" },
+                event: event(&format!("e-{i}"), Kind::Sale, Some(100 + i), &[]),
+                source: "a.jsonl".into(),
+                offset: i as u64,
+                target_ts: (i % 2 == 1).then_some(1_764_000_000_000 + i),
+            })
+            .collect();
+        let bytes = write_parquet_from(
+            rows.chunks(2).map(|c| to_batch(STAGING, c)),
+            props(1, 1 << 20),
+        )
+        .unwrap();
+        let back: Vec<Row> = read_parquet(bytes.into())
+            .unwrap()
+            .iter()
+            .flat_map(|b| from_batch(STAGING, b, None).unwrap())
+            .collect();
+        assert_eq!(back, rows);
+        assert!(write_parquet_from(std::iter::empty(), props(1, 1024)).is_err());
     }
 
     #[test]
