@@ -38,6 +38,7 @@
 
 use super::columns::{self, Cols, Pick, AUDIT, EVENTS, STAGING};
 use super::lake::{Lake, LakeError};
+use crate::dataflow::aggregate::put_value;
 use crate::dataflow::{RowKey, Sums};
 use crate::model::window::{local_day, WindowSize};
 use crate::model::{format_hundredths, Millis, Sum};
@@ -444,17 +445,16 @@ fn verify(
         if view.top_k.is_some() || !view.windows.contains(&WindowSize::LocalDay) {
             continue;
         }
-        // Both sides by a 128-bit digest of the group's values (each length-prefixed,
-        // so values cannot run into each other): an event costs one digest and one
-        // probe, and a group's values are only spelled out when its figures differ. A
-        // collision of two groups is as unlikely as one of two event ids, whose
-        // digests are as wide. The lake's groups keep their first event to name them.
+        // Both sides by a 128-bit digest of the group's values, encoded as row digests
+        // encode them: an event costs one digest and one probe, and a group's values
+        // are only spelled out when its figures differ. A collision of two groups is
+        // as unlikely as one of two rows, whose digests are as wide. The lake's
+        // groups keep their first event to name them.
         let mut key: Vec<u8> = Vec::with_capacity(128);
         let mut digest = |values: &mut dyn Iterator<Item = &str>| {
             key.clear();
             for v in values {
-                key.extend_from_slice(&(v.len() as u32).to_le_bytes());
-                key.extend_from_slice(v.as_bytes());
+                put_value(&mut key, v);
             }
             xxhash_rust::xxh3::xxh3_128(&key)
         };
@@ -473,28 +473,22 @@ fn verify(
                 held.insert(g, (key, v.sums));
             }
         }
-        let mut differ = Vec::new();
-        let lake_only = lake.keys().filter(|g| !held.contains_key(*g));
-        for g in held.keys().chain(lake_only) {
-            let (a, b) = (
-                held.get(g).map(|h| h.1).unwrap_or_default(),
-                lake.get(g).map(|l| l.1).unwrap_or_default(),
-            );
-            if (a.sales, a.gross, a.refunds, a.refunds_amount)
-                == (b.sales, b.gross, b.refunds, b.refunds_amount)
-            {
-                continue;
+        let mut differ: Vec<(Vec<String>, Sums, Sums)> = Vec::new();
+        for (g, (key, a)) in &held {
+            let b = lake.get(g).map(|l| l.1).unwrap_or_default();
+            if *a != b {
+                differ.push((key.group.iter().map(|v| v.to_string()).collect(), *a, b));
             }
-            let group: Vec<String> = match (held.get(g), lake.get(g)) {
-                (Some((key, _)), _) => key.group.iter().map(|v| v.to_string()).collect(),
-                (None, Some((e, _))) => {
-                    let (src, i) = (sources[e.src as usize], e.row as usize);
-                    let g = view.group_by.iter();
-                    g.map(|f| value(src, i, prov, f).to_owned()).collect()
-                }
-                (None, None) => unreachable!("a group of either side"),
-            };
-            differ.push((group, a, b));
+        }
+        for (g, (e, b)) in &lake {
+            if !held.contains_key(g) && *b != Sums::default() {
+                let (src, i) = (sources[e.src as usize], e.row as usize);
+                let names = view
+                    .group_by
+                    .iter()
+                    .map(|f| value(src, i, prov, f).to_owned());
+                differ.push((names.collect(), Sums::default(), *b));
+            }
         }
         // Reported by group, as a reader looks for them.
         differ.sort_unstable_by(|x, y| x.0.cmp(&y.0));
@@ -727,8 +721,13 @@ pub fn compact_day_with(
         for (prov, o, took) in rx {
             let (o, cleanup, entry) = match o {
                 Ok(done) => done,
+                // The day failed once (one count), whichever providers failed in it.
+                Err(e) if error.is_some() => {
+                    tracing::error!(date, provider = %prov, error = %e, "compacting a provider failed");
+                    continue;
+                }
                 Err(e) => {
-                    error.get_or_insert(failed(e));
+                    error = Some(failed(e));
                     continue;
                 }
             };

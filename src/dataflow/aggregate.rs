@@ -228,6 +228,14 @@ pub type RowId = u128;
 
 type Map<K, V> = HashMap<K, V, ahash::RandomState>;
 
+/// A group value as row digests take it: its length, then its bytes, so that values
+/// cannot run into each other.
+#[inline]
+pub fn put_value(buf: &mut Vec<u8>, v: &str) {
+    buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    buf.extend_from_slice(v.as_bytes());
+}
+
 /// Digests a row's identity; `buf` is scratch space reused across calls.
 #[allow(clippy::too_many_arguments)]
 fn row_id(
@@ -247,11 +255,7 @@ fn row_id(
     };
     buf.extend_from_slice(&size.to_le_bytes());
     buf.extend_from_slice(&start.to_le_bytes());
-    let put = |buf: &mut Vec<u8>, f: &GroupField| {
-        let v = value(e, f);
-        buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        buf.extend_from_slice(v.as_bytes());
-    };
+    let put = |buf: &mut Vec<u8>, f: &GroupField| put_value(buf, value(e, f));
     for f in group {
         put(buf, f);
     }
