@@ -5,7 +5,7 @@
 //! committed epoch, so they count what the store holds (a replay after a restart
 //! does not count twice). Store health: [`STORE_UP`] drops to 0 for the length of an
 //! outage (and [`STORE_OUTAGE_SECONDS`] records its length), [`EPOCHS_PENDING`] shows the epochs closed but not committed (reading
-//! stops at `ingest::IN_FLIGHT`), and [`COMMIT_LAG`] how long the epoch being
+//! stops at `ingest::IN_FLIGHT_RECORDS` records or `ingest::IN_FLIGHT_EPOCHS` epochs), and [`COMMIT_LAG`] how long the epoch being
 //! committed has waited.
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};

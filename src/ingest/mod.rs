@@ -15,10 +15,14 @@
 //! without committing anything; epochs whose effects have all expired are skipped),
 //! and reading resumes at the committed positions.
 //!
-//! Backpressure. At most [`IN_FLIGHT`] epochs may be closed but not committed; the
-//! loop blocks after that, and bounded channels block the readers in turn. While the
-//! store is unavailable (Redis down), the committer retries the same epoch with
-//! backoff, so the same limit stops reading until it is back.
+//! Backpressure. At most [`IN_FLIGHT_RECORDS`] records (and [`IN_FLIGHT_EPOCHS`]
+//! epochs) may be closed but not committed; the loop blocks after that, and bounded
+//! channels block the readers in turn. The limit is in records because what an
+//! uncommitted epoch holds grows with its records, and because the committer works in
+//! bursts (a lake flush, a store snapshot) that the worker should run through: four
+//! epochs cut by time under load held too little of it. While the store is unavailable
+//! (Redis down), the committer retries the same epoch with backoff, so the same limit
+//! stops reading until it is back.
 //!
 //! Shutdown (`stop` set, or all input read with `until_eof`): stop reading, close the
 //! open epoch, wait for the workers to finish and the committer to commit everything.
@@ -42,8 +46,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Closed but uncommitted records allowed before reading pauses (an epoch larger than
+/// this still goes through, alone). Measured on the 2M-event benchmark at 1 worker:
+/// four epochs in flight (200,000 records with epochs cut by time) left the worker
+/// waiting on the committer's bursts; twice that and more did not (benches/README,
+/// session 14).
+pub const IN_FLIGHT_RECORDS: u64 = 500_000;
+/// The records one permit stands for: an epoch takes one per this many records or
+/// part of them, so at most [`IN_FLIGHT_EPOCHS`] epochs wait however small they are.
+const PERMIT_RECORDS: u64 = 25_000;
 /// Closed but uncommitted epochs allowed before reading pauses.
-pub const IN_FLIGHT: usize = 4;
+pub const IN_FLIGHT_EPOCHS: usize = (IN_FLIGHT_RECORDS / PERMIT_RECORDS) as usize;
+
+/// The permits an epoch of `records` records holds from its close to its commit.
+fn permits_for(records: u64) -> usize {
+    records
+        .div_ceil(PERMIT_RECORDS)
+        .clamp(1, IN_FLIGHT_EPOCHS as u64) as usize
+}
 
 /// How a run is set up.
 pub struct RunConfig {
@@ -296,7 +316,7 @@ pub fn run(
     };
     let (out_tx, out_rx) = crossbeam_channel::unbounded::<EpochOutput>();
     let (meta_tx, meta_rx) = crossbeam_channel::unbounded::<EpochMeta>();
-    let (permit_tx, permit_rx) = crossbeam_channel::bounded::<()>(IN_FLIGHT);
+    let (permit_tx, permit_rx) = crossbeam_channel::bounded::<()>(IN_FLIGHT_EPOCHS);
     // The cluster forms first: the sources read partitions over its reader links.
     let mut df = Dataflow::start(
         Arc::clone(&cfg.pipeline),
@@ -530,6 +550,7 @@ pub fn run(
             df.send(epoch, std::mem::take(&mut pending));
             df.close(epoch, clock);
             let closed = std::mem::replace(&mut open, Open::new(epoch + 1, clock));
+            let permits = permits_for(closed.records);
             let _ = meta_tx.send(closed.into_meta(
                 epoch,
                 clock,
@@ -540,7 +561,8 @@ pub fn run(
             committed_epochs += 1;
             epoch += 1;
             deadline = Instant::now() + max_duration;
-            if permit_tx.send(()).is_err() {
+            // The committer hands them back as it commits; it is gone if they fail.
+            if (0..permits).any(|_| permit_tx.send(()).is_err()) {
                 break;
             }
         }
@@ -780,6 +802,7 @@ fn commit_loop(
                     }),
             );
             let (epoch, names) = (m.epoch, Arc::clone(&m.names));
+            let permits_held = permits_for(m.records);
             if m.replay || m.epoch <= committed {
                 if let Some(st) = &mut archive.stager {
                     st.add(epoch, facts.drain(..), &names);
@@ -798,7 +821,9 @@ fn commit_loop(
             archive.committed(&mut *store, epoch, report.clock, &mut facts, &names, false)?;
             last_clock = Some(report.clock);
             record(&report);
-            let _ = permits.try_recv();
+            for _ in 0..permits_held {
+                let _ = permits.try_recv();
+            }
             observe(&report);
         }
         if let Some(f) = &feed {
@@ -1028,7 +1053,7 @@ fn commit_epoch(
 }
 
 /// Commits, retrying with backoff while the store is unavailable. Meanwhile no permit
-/// comes back, so reading stops after [`IN_FLIGHT`] epochs: backpressure reaches the
+/// comes back, so reading stops after [`IN_FLIGHT_RECORDS`]: backpressure reaches the
 /// sources, and nothing is lost or read twice.
 fn commit_with_retry(
     store: &mut dyn Store,
@@ -1064,7 +1089,7 @@ fn commit_with_retry(
                     if let Some(f) = feed {
                         f.store_up(false);
                     }
-                    tracing::error!(epoch = commit.epoch, error = %e, "store unavailable; commits paused, reading stops once {IN_FLIGHT} epochs wait");
+                    tracing::error!(epoch = commit.epoch, error = %e, "store unavailable; commits paused, reading stops once {IN_FLIGHT_RECORDS} records or {IN_FLIGHT_EPOCHS} epochs wait");
                     outage = Some(Instant::now());
                 } else {
                     tracing::debug!(epoch = commit.epoch, error = %e, "store still unavailable");
@@ -1220,5 +1245,22 @@ impl DeadLetterFile {
         }
         self.len += buf.len() as u64;
         Ok(self.len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_epoch_holds_permits_by_its_records() {
+        assert_eq!(permits_for(0), 1);
+        assert_eq!(permits_for(1), 1);
+        assert_eq!(permits_for(PERMIT_RECORDS), 1);
+        assert_eq!(permits_for(PERMIT_RECORDS + 1), 2);
+        // Epochs cut by time under load (about 50,000 records): ten may wait.
+        assert_eq!(IN_FLIGHT_EPOCHS / permits_for(50_000), 10);
+        // Larger than the whole budget: it takes every permit, and goes through alone.
+        assert_eq!(permits_for(IN_FLIGHT_RECORDS * 3), IN_FLIGHT_EPOCHS);
     }
 }
