@@ -11,12 +11,12 @@
 //! Ids are held as 128-bit digests. An id is forgotten once its event time is more than
 //! the dedup horizon behind the clock; the voids stage forgets it with it (`Forgotten`).
 
+use super::table::Parted;
 use super::{
     epochs, id_digest, keyed, route, DeadLetter, Epoch, Expiry, Forgotten, Out, Record, Rules,
 };
 use crate::decode::Reason;
 use crate::model::{Kind, Millis};
-use std::collections::HashMap;
 use timely::dataflow::Stream;
 
 pub(super) fn admit<'s>(
@@ -26,7 +26,7 @@ pub(super) fn admit<'s>(
     forgotten: Forgotten,
 ) -> (Stream<'s, Epoch, Vec<Record>>, Stream<'s, Epoch, Vec<Out>>) {
     // event_id digest -> fingerprint of the first copy.
-    let mut seen: HashMap<super::Digest, u64, ahash::RandomState> = HashMap::default();
+    let mut seen: Parted<super::Digest, u64> = Parted::default();
     let mut expiry: Expiry<super::Digest> = Expiry::default();
     let decided = epochs(
         records,

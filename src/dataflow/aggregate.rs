@@ -227,6 +227,7 @@ fn customer_digest(e: &Event) -> super::Digest {
 pub type RowId = u128;
 
 type Map<K, V> = HashMap<K, V, ahash::RandomState>;
+use super::table::Parted;
 
 /// A group value as row digests take it: its length, then its bytes, so that values
 /// cannot run into each other.
@@ -514,8 +515,8 @@ pub(super) fn rows<'s>(
     rules: Rules,
 ) -> Stream<'s, Epoch, Vec<super::Out>> {
     let keep = rules.lateness.max(rules.horizon);
-    let mut rows: Map<RowId, (RowKey, RowState)> = Map::default();
-    let mut tops: Map<RowId, (RowKey, TopState)> = Map::default();
+    let mut rows: Parted<RowId, (RowKey, RowState)> = Parted::default();
+    let mut tops: Parted<RowId, (RowKey, TopState)> = Parted::default();
     let mut expiry: Expiry<RowId> = Expiry::default();
     // Rows with distinct customers close once their window is past the lateness.
     let mut closing: Expiry<RowId> = Expiry::default();
@@ -658,7 +659,7 @@ pub(super) fn rows<'s>(
 
 /// A row's state, created (with its seal time) on first touch; whether it was.
 fn slot<'a, S: Default>(
-    map: &'a mut Map<RowId, (RowKey, S)>,
+    map: &'a mut Parted<RowId, (RowKey, S)>,
     expiry: &mut Expiry<RowId>,
     id: RowId,
     key: RowKey,

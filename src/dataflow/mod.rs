@@ -25,6 +25,7 @@
 mod admit;
 pub mod aggregate;
 pub mod cluster;
+mod table;
 mod voids;
 
 use crate::decode::Reason;

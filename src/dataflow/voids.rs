@@ -264,7 +264,7 @@ pub(super) fn voids<'s>(
         std::iter::once(Visit::Register(r)).chain(cancel)
     });
     // Target id digest -> what is known under it.
-    let mut slots: HashMap<super::Digest, Slot, ahash::RandomState> = HashMap::default();
+    let mut slots: super::table::Parted<super::Digest, Slot> = Default::default();
     // Waiting voids leave by this queue; registered ids by admission's (`forgotten`).
     let mut expiry: Expiry<super::Digest> = Expiry::default();
     let mut arena = Arena::default();

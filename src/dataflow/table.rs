@@ -1,0 +1,124 @@
+//! A hash map in parts, for the stages' large tables (event ids, rows).
+//!
+//! One `HashMap` grows by doubling all at once: for a moment it holds its old array
+//! beside a new one twice the size, and every page of the new one is faulted in fresh.
+//! At 10M events the voids stage's table alone doubles from about 400 MB to 800 MB.
+//! Split into [`PARTS`] maps chosen by bits of the key (the keys are digests already,
+//! so the bits are uniform), each part doubles on its own: what is held twice is one
+//! part's array, and the array a part frees is there for the next part to grow into
+//! (measured in benches/README, session 14).
+
+use std::collections::hash_map::{Entry, HashMap};
+use std::hash::Hash;
+
+/// Bits of the key that choose the part.
+const PART_BITS: u32 = 8;
+pub(crate) const PARTS: usize = 1 << PART_BITS;
+
+/// A key that carries uniform bits of its own: the part is read off its top bits (the
+/// routes between workers read other bits, so a worker's keys still fill every part).
+pub(crate) trait PartKey {
+    fn part(&self) -> usize;
+}
+
+/// Row ids: an xxh3-128 digest; rows route by the low 64 bits.
+impl PartKey for u128 {
+    fn part(&self) -> usize {
+        (*self >> (128 - PART_BITS)) as usize
+    }
+}
+
+/// Event id digests (xxh3-128); events route by another hash of the id.
+impl PartKey for [u64; 2] {
+    fn part(&self) -> usize {
+        (self[1] >> (64 - PART_BITS)) as usize
+    }
+}
+
+/// A `HashMap` in [`PARTS`] parts, with the few calls the stages make.
+pub(crate) struct Parted<K, V> {
+    parts: Box<[HashMap<K, V, ahash::RandomState>]>,
+}
+
+impl<K, V> Default for Parted<K, V> {
+    fn default() -> Self {
+        let hasher = ahash::RandomState::new();
+        Parted {
+            parts: (0..PARTS)
+                .map(|_| HashMap::with_hasher(hasher.clone()))
+                .collect(),
+        }
+    }
+}
+
+impl<K: PartKey + Hash + Eq, V> Parted<K, V> {
+    fn part(&self, k: &K) -> &HashMap<K, V, ahash::RandomState> {
+        &self.parts[k.part()]
+    }
+
+    fn part_mut(&mut self, k: &K) -> &mut HashMap<K, V, ahash::RandomState> {
+        &mut self.parts[k.part()]
+    }
+
+    pub fn entry(&mut self, k: K) -> Entry<'_, K, V> {
+        self.part_mut(&k).entry(k)
+    }
+
+    pub fn get(&self, k: &K) -> Option<&V> {
+        self.part(k).get(k)
+    }
+
+    pub fn get_mut(&mut self, k: &K) -> Option<&mut V> {
+        self.part_mut(k).get_mut(k)
+    }
+
+    pub fn insert(&mut self, k: K, v: V) -> Option<V> {
+        self.part_mut(&k).insert(k, v)
+    }
+
+    pub fn remove(&mut self, k: &K) -> Option<V> {
+        self.part_mut(k).remove(k)
+    }
+
+    /// Entries in all parts (a sum over [`PARTS`] lengths).
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(HashMap::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_find_their_part_and_every_part_is_used() {
+        let mut t: Parted<[u64; 2], u32> = Parted::default();
+        for i in 0..20_000u32 {
+            assert_eq!(
+                t.insert(crate::dataflow::id_digest(&format!("e{i}")), i),
+                None
+            );
+        }
+        assert_eq!(t.len(), 20_000);
+        assert!(
+            t.parts.iter().all(|p| !p.is_empty()),
+            "a part was never used"
+        );
+        assert_eq!(t.get(&crate::dataflow::id_digest("e7")), Some(&7));
+        *t.get_mut(&crate::dataflow::id_digest("e8")).unwrap() += 1;
+        assert_eq!(t.remove(&crate::dataflow::id_digest("e8")), Some(9));
+        assert_eq!(t.get(&crate::dataflow::id_digest("e8")), None);
+        match t.entry(crate::dataflow::id_digest("e9")) {
+            Entry::Occupied(o) => assert_eq!(*o.get(), 9),
+            Entry::Vacant(_) => panic!("e9 is held"),
+        }
+        assert_eq!(t.len(), 19_999);
+    }
+
+    #[test]
+    fn row_ids_use_their_top_bits() {
+        assert_eq!((u128::MAX).part(), PARTS - 1);
+        assert_eq!((1u128 << 120).part(), 1);
+        assert_eq!(u128::from(u64::MAX).part(), 0);
+    }
+}
