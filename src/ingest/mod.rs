@@ -921,7 +921,10 @@ fn commit_epoch(
         records: m.records,
         ..Counters::default()
     };
-    let mut changes = Vec::new();
+    // Sized once: an epoch of 100,000 records changes about 86,000 rows, and a
+    // vector grown by doubling copied them into fresh pages each time (6% of the
+    // committer's samples at 10M events, session 14).
+    let mut changes = Vec::with_capacity(out.iter().filter(|o| matches!(o, Out::Row(_))).count());
     let mut letters: Vec<DeadLetter> = Vec::new();
     let mut rejected_decoded = 0u64;
     for o in out {
