@@ -25,7 +25,7 @@
 mod admit;
 pub mod aggregate;
 pub mod cluster;
-mod table;
+pub(crate) mod table;
 mod voids;
 
 use crate::decode::Reason;

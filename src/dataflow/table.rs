@@ -1,4 +1,5 @@
-//! A hash map in parts, for the stages' large tables (event ids, rows).
+//! A hash map in parts, for the large tables: the stages' event ids and rows, and the
+//! embedded store's rows.
 //!
 //! One `HashMap` grows by doubling all at once: for a moment it holds its old array
 //! beside a new one twice the size, and every page of the new one is faulted in fresh.
@@ -35,7 +36,22 @@ impl PartKey for [u64; 2] {
     }
 }
 
-/// A `HashMap` in [`PARTS`] parts, with the few calls the stages make.
+/// The embedded store's rows: their key is no digest, so the part comes from a hash
+/// of it with fixed seeds (independent of the parts' own randomly seeded hasher, whose
+/// top bits must still vary within a part).
+impl PartKey for (crate::dataflow::RowKey, u32) {
+    fn part(&self) -> usize {
+        const PARTING: ahash::RandomState = ahash::RandomState::with_seeds(
+            0x243f_6a88_85a3_08d3,
+            0x1319_8a2e_0370_7344,
+            0xa409_3822_299f_31d0,
+            0x082e_fa98_ec4e_6c89,
+        );
+        (PARTING.hash_one(self) >> (64 - PART_BITS)) as usize
+    }
+}
+
+/// A `HashMap` in [`PARTS`] parts, with the few calls the stages and the store make.
 pub(crate) struct Parted<K, V> {
     parts: Box<[HashMap<K, V, ahash::RandomState>]>,
 }
@@ -84,6 +100,21 @@ impl<K: PartKey + Hash + Eq, V> Parted<K, V> {
     pub fn len(&self) -> usize {
         self.parts.iter().map(HashMap::len).sum()
     }
+
+    /// Every entry, part after part, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.parts.iter().flat_map(HashMap::iter)
+    }
+}
+
+impl<K: PartKey + Hash + Eq, V> FromIterator<(K, V)> for Parted<K, V> {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(entries: I) -> Self {
+        let mut t = Parted::default();
+        for (k, v) in entries {
+            t.insert(k, v);
+        }
+        t
+    }
 }
 
 #[cfg(test)]
@@ -113,6 +144,33 @@ mod tests {
             Entry::Vacant(_) => panic!("e9 is held"),
         }
         assert_eq!(t.len(), 19_999);
+    }
+
+    #[test]
+    fn store_keys_spread_over_the_parts_and_iterate_whole() {
+        use crate::dataflow::RowKey;
+        use crate::model::window::WindowSize;
+        let key = |i: u32| {
+            (
+                RowKey {
+                    view: 0,
+                    size: WindowSize::Fixed(60_000),
+                    start: i64::from(i) * 60_000,
+                    group: vec!["p1".into(), "USD".into()],
+                },
+                0u32,
+            )
+        };
+        let t: Parted<(RowKey, u32), u32> = (0..20_000).map(|i| (key(i), i)).collect();
+        assert_eq!(t.len(), 20_000);
+        assert!(
+            t.parts.iter().all(|p| !p.is_empty()),
+            "a part was never used"
+        );
+        assert_eq!(t.get(&key(123)), Some(&123));
+        let mut seen: Vec<u32> = t.iter().map(|(_, v)| *v).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..20_000).collect::<Vec<_>>());
     }
 
     #[test]

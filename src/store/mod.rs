@@ -172,7 +172,7 @@ impl StoreConfig {
 }
 
 /// Rows held in memory, by key and rank.
-pub type RowMap = std::collections::HashMap<(RowKey, u32), RowValue, ahash::RandomState>;
+pub(crate) type RowMap = crate::dataflow::table::Parted<(RowKey, u32), RowValue>;
 
 /// A row as stored: its key, its rank (0 unless top-k) and value.
 pub type StoredRow = ((RowKey, u32), RowValue);
