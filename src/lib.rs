@@ -36,6 +36,12 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The cores this process may use (1 when that cannot be told): the default number of
+/// dataflow workers, and of threads compacting a day's providers.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Tunes the allocator; call first thing in `main`. Freed pages are kept for a second
 /// before being handed back: with mimalloc v2's default 10 ms the kernel zeroed the same
 /// pages again and again (measured: a third of the ingest thread's time). The mimalloc

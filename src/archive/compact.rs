@@ -666,10 +666,7 @@ pub fn compact_day_with(
         })
         .collect();
     work.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then_with(|| a.0.cmp(&b.0)));
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(work.len())
-        .max(1);
+    let threads = crate::cores().min(work.len()).max(1);
     let mut outcomes = Vec::new();
     let mut cleanups = Vec::new();
     let mut changed = false;

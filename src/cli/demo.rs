@@ -3,7 +3,7 @@
 //! over gRPC to providers (Query) and operators (Admin), narrated once a second, with
 //! keys and `tally query` commands to try while it runs, and a summary at the end.
 
-use super::{default_workers, load_pipeline, now_ms, Exit};
+use super::{load_pipeline, now_ms, Exit};
 use crate::ingest::{self, EpochReport, RunConfig};
 use crate::query::keys::{self, Role};
 use crate::query::pb;
@@ -45,7 +45,7 @@ pub fn demo(a: DemoArgs) -> Result<Exit> {
         .data_dir
         .clone()
         .unwrap_or_else(|| scratch.path().to_owned());
-    let workers = a.workers.unwrap_or_else(default_workers);
+    let workers = a.workers.unwrap_or_else(crate::cores);
     println!(
         "Tally demo: {} events/s of generated sales, refunds and voids from 12 providers,",
         a.rate

@@ -558,10 +558,6 @@ pub fn load_pipeline(path: Option<&Path>) -> Result<Pipeline> {
     })
 }
 
-pub fn default_workers() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
 /// Installs Ctrl-C / SIGTERM handling: the first signal stops gracefully (stop
 /// reading, drain, commit); a second one, or `deadline` passing first, exits at
 /// once. Either way nothing is lost: what was not committed is read again at the
@@ -746,7 +742,7 @@ fn run(a: RunArgs) -> Result<Exit> {
         pipeline,
         data_dir: a.data_dir.clone(),
         store: store.clone(),
-        workers: a.workers.unwrap_or_else(default_workers),
+        workers: a.workers.unwrap_or_else(crate::cores),
         inputs,
         follow,
         until_eof: a.until_eof,
@@ -816,7 +812,7 @@ fn follow(a: &RunArgs, pipeline: Arc<Pipeline>, c: &crate::dataflow::Cluster) ->
         ),
         "stopping once process 0 has committed what it read (signal again to abort)",
     );
-    let workers = a.workers.unwrap_or_else(default_workers);
+    let workers = a.workers.unwrap_or_else(crate::cores);
     // The same readiness probe as process 0's: SERVING while in the cluster.
     let health = a
         .grpc

@@ -19,7 +19,7 @@
 //!    lake) are staged in the live lake first, and the days already published are
 //!    compacted again for those providers after the store is written.
 
-use super::{default_workers, load_pipeline, stop_on_signal, Exit, StoreArgs};
+use super::{load_pipeline, stop_on_signal, Exit, StoreArgs};
 use crate::archive::columns;
 use crate::archive::compact::{day_bounds, manifest, parse_date};
 use crate::archive::lake::Lake;
@@ -172,7 +172,7 @@ pub fn replay(a: ReplayArgs) -> Result<Exit> {
             pipeline: Arc::new(shadow_pipeline),
             data_dir: work.clone(),
             store: shadow_cfg.clone(),
-            workers: a.workers.unwrap_or_else(default_workers),
+            workers: a.workers.unwrap_or_else(crate::cores),
             inputs,
             follow: false,
             until_eof: true,

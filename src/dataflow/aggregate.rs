@@ -15,6 +15,7 @@
 //! admitted into it and no void can reach its events any more, so its state is dropped
 //! without output.
 
+use super::table::Parted;
 use super::{epochs, keyed, Epoch, Expiry, Rules};
 use crate::model::window::{Assigner, WindowSize};
 use crate::model::{Event, Kind, Millis, Sum};
@@ -227,7 +228,6 @@ fn customer_digest(e: &Event) -> super::Digest {
 pub type RowId = u128;
 
 type Map<K, V> = HashMap<K, V, ahash::RandomState>;
-use super::table::Parted;
 
 /// A group value as row digests take it: its length, then its bytes, so that values
 /// cannot run into each other.

@@ -14,6 +14,7 @@
 //! Targets and waiting voids leave state once their event time is more than the dedup
 //! horizon behind the clock. Leaving emits nothing: committed windows never change.
 
+use super::table::Parted;
 use super::{
     epochs, id_digest, keyed, route, DeadLetter, Epoch, Expiry, Fact, Forgotten, Out, Record,
     Rules, BUCKET,
@@ -264,7 +265,7 @@ pub(super) fn voids<'s>(
         std::iter::once(Visit::Register(r)).chain(cancel)
     });
     // Target id digest -> what is known under it.
-    let mut slots: super::table::Parted<super::Digest, Slot> = Default::default();
+    let mut slots: Parted<super::Digest, Slot> = Parted::default();
     // Waiting voids leave by this queue; registered ids by admission's (`forgotten`).
     let mut expiry: Expiry<super::Digest> = Expiry::default();
     let mut arena = Arena::default();

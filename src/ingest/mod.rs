@@ -802,7 +802,6 @@ fn commit_loop(
                     }),
             );
             let (epoch, names) = (m.epoch, Arc::clone(&m.names));
-            let permits_held = permits_for(m.records);
             if m.replay || m.epoch <= committed {
                 if let Some(st) = &mut archive.stager {
                     st.add(epoch, facts.drain(..), &names);
@@ -810,6 +809,8 @@ fn commit_loop(
                 facts.clear();
                 continue;
             }
+            // Only the epochs the run loop read and closed took permits; replayed ones none.
+            let permits_held = permits_for(m.records);
             let report = commit_epoch(
                 &mut *store,
                 &mut staging,

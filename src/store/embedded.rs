@@ -52,14 +52,7 @@ struct RowsOf<'a>(&'a RowMap);
 
 impl Serialize for RowsOf<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        // The length first, as bincode needs it (the parts' chained iterator does not
-        // know its exact length).
-        use serde::ser::SerializeSeq;
-        let mut seq = s.serialize_seq(Some(self.0.len()))?;
-        for row in self.0.iter() {
-            seq.serialize_element(&row)?;
-        }
-        seq.end()
+        s.collect_seq(self.0.iter())
     }
 }
 
