@@ -756,7 +756,13 @@ fn commit_loop(
             recv(outputs_now) -> o => match o {
                 Ok(o) => {
                     let p = pending.entry(o.epoch).or_insert_with(fresh);
-                    p.out.extend(o.out);
+                    // The first worker's vector is kept as it is: extending an empty
+                    // one copied every output into fresh pages.
+                    if p.out.is_empty() {
+                        p.out = o.out;
+                    } else {
+                        p.out.extend(o.out);
+                    }
                     p.reported += 1;
                 }
                 Err(_) => {
