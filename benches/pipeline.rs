@@ -154,6 +154,7 @@ fn run_in(
     observe: impl FnMut(&ingest::EpochReport) + Send + 'static,
 ) -> f64 {
     let dir = tempfile::tempdir().unwrap();
+    *DATA_DIR.lock().unwrap() = Some(dir.path().to_owned());
     let mut pipeline = Pipeline::parse("sales.toml", DEFAULT_PIPELINE).unwrap();
     pipeline.archive.enabled = !NO_ARCHIVE.load(std::sync::atomic::Ordering::Relaxed);
     let pipeline = Arc::new(pipeline);
@@ -172,6 +173,24 @@ fn run_in(
     let start = Instant::now();
     ingest::run(cfg, observe).unwrap();
     start.elapsed().as_secs_f64()
+}
+
+/// The data directory of the run in progress (`rss` reports its staging log's size).
+static DATA_DIR: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
+
+/// Bytes in the files of `<data dir>/staging` (the staging log).
+fn staging_bytes() -> u64 {
+    let Some(dir) = DATA_DIR.lock().unwrap().clone() else {
+        return 0;
+    };
+    std::fs::read_dir(dir.join("staging"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// `--no-archive`: runs without staging counted events to the lake.
@@ -340,19 +359,20 @@ fn main() {
             let started = Instant::now();
             let seen = Arc::new(Mutex::new((0u64, 0u64)));
             let s = Arc::clone(&seen);
-            println!("| records | event time reached (days) | elapsed (s) | RSS (MB) |");
-            println!("|---:|---:|---:|---:|");
+            println!("| records | event time reached (days) | elapsed (s) | RSS (MB) | staging log (MB) |");
+            println!("|---:|---:|---:|---:|---:|");
             let secs = run(vec![Input::Generated(g)], workers, move |r| {
                 let mut g = s.lock().unwrap();
                 g.0 += r.counters.records;
                 if g.0 >= g.1 + 1_000_000 {
                     g.1 = g.0 / 1_000_000 * 1_000_000;
                     println!(
-                        "| {} | {:.2} | {:.0} | {} |",
+                        "| {} | {:.2} | {:.0} | {} | {} |",
                         g.0,
                         (r.clock - start_ts) as f64 / 86_400_000.0,
                         started.elapsed().as_secs_f64(),
-                        status("VmRSS:") >> 20
+                        status("VmRSS:") >> 20,
+                        staging_bytes() >> 20
                     );
                 }
             });

@@ -69,6 +69,10 @@ pub const STORE_ERRORS: &str = "tally_store_errors_total";
 /// status code name), seconds until the response starts (histogram).
 pub const QUERY_SECONDS: &str = "tally_query_seconds";
 
+/// Bytes in the staging log's files: about the horizon's worth of epochs once the
+/// oldest files are trimmed (gauge).
+pub const STAGING_LOG_BYTES: &str = "tally_staging_log_bytes";
+
 /// Counted events and voids staged to the lake for compaction (counter).
 pub const ARCHIVE_STAGED: &str = "tally_archive_staged_facts_total";
 /// Failed writes of staged facts to the lake; they are kept and tried again (counter).
@@ -218,6 +222,11 @@ fn describe() {
     describe_gauge!(
         COMPACTED_DATE,
         "The last provider-local date published, Unix time of its midnight UTC"
+    );
+    describe_gauge!(
+        STAGING_LOG_BYTES,
+        Unit::Bytes,
+        "Bytes in the staging log's files (trimmed of epochs a restart would skip)"
     );
     describe_gauge!(
         STATE_ENTRIES,

@@ -194,6 +194,45 @@ struct EpochMeta {
     closed_at: Instant,
 }
 
+/// Which staged epochs a restart need not replay: every effect of theirs has expired
+/// by the committed clock (each window they touched is sealed; their ids, targets and
+/// waiting voids are past the horizon), and the lake holds their facts. Replaying them
+/// could only rebuild state that would be dropped again, so a restart costs the
+/// horizon, not the whole history, and the committer deletes the staging log's files
+/// that hold only such epochs.
+#[derive(Clone, Copy, Debug)]
+struct Spent {
+    /// How long after an epoch's clock its effects can last.
+    reach: Millis,
+}
+
+impl Spent {
+    fn of(p: &Pipeline) -> Spent {
+        let rules = crate::dataflow::Rules::of(p);
+        let longest_window = p
+            .views
+            .iter()
+            .flat_map(|v| &v.windows)
+            .map(|w| w.max_len())
+            .max()
+            .unwrap_or(0);
+        Spent {
+            reach: rules
+                .lateness
+                .max(rules.horizon)
+                .saturating_add(longest_window),
+        }
+    }
+
+    /// Whether epoch `epoch`, closed at `clock`, is spent once the store is committed
+    /// at `committed_clock` and the lake holds the facts of epochs up to `staged`.
+    fn skips(&self, epoch: Epoch, clock: Millis, committed_clock: Millis, staged: Epoch) -> bool {
+        clock != Millis::MIN
+            && clock.saturating_add(self.reach) < committed_clock
+            && epoch <= staged
+    }
+}
+
 /// Runs a pipeline until stopped (or, with `until_eof`, until all input is committed).
 /// `observe` sees every committed epoch.
 pub fn run(
@@ -267,29 +306,11 @@ pub fn run(
         source,
     };
     let mut staged = staging.read().map_err(staging_err)?.peekable();
-    // Epochs whose every effect has expired by the committed clock are skipped: each
-    // window they touched is sealed, their ids, targets and waiting voids are past the
-    // horizon. Replaying them could only rebuild state that would be dropped again,
-    // so a restart costs the horizon, not the whole history.
     let rules = crate::dataflow::Rules::of(&cfg.pipeline);
-    let longest_window = cfg
-        .pipeline
-        .views
-        .iter()
-        .flat_map(|v| &v.windows)
-        .map(|w| w.max_len())
-        .max()
-        .unwrap_or(0);
-    let reach = rules
-        .lateness
-        .max(rules.horizon)
-        .saturating_add(longest_window);
+    let spent = Spent::of(&cfg.pipeline);
     let mut skipped = 0u64;
     while let Some(Ok(s)) = staged.peek() {
-        if s.clock != Millis::MIN
-            && s.clock.saturating_add(reach) < meta.clock
-            && s.epoch <= staged_epoch
-        {
+        if spent.skips(s.epoch, s.clock, meta.clock, staged_epoch) {
             staged.next();
             skipped += 1;
         } else {
@@ -360,7 +381,7 @@ pub fn run(
                 let mut archive = Archive { stager, scheduler };
                 let r = commit_loop(
                     store,
-                    staging,
+                    (staging, spent),
                     dead,
                     &mut archive,
                     workers,
@@ -716,7 +737,7 @@ struct PendingEpoch {
 #[allow(clippy::too_many_arguments)]
 fn commit_loop(
     mut store: Box<dyn Store>,
-    mut staging: StagingLog,
+    (mut staging, spent): (StagingLog, Spent),
     mut dead: DeadLetterFile,
     archive: &mut Archive,
     workers: usize,
@@ -826,6 +847,11 @@ fn commit_loop(
                 feed.as_deref(),
             )?;
             archive.committed(&mut *store, epoch, report.clock, &mut facts, &names, false)?;
+            // The log's oldest files whose epochs a restart would skip now go.
+            let staged = archive.stager.as_ref().map_or(Epoch::MAX, |s| s.staged());
+            if let Err(e) = staging.trim(|e, clock| spent.skips(e, clock, report.clock, staged)) {
+                tracing::warn!(error = %e, path = %staging.path().display(), "trimming the staging log failed; tried again after the next commit");
+            }
             last_clock = Some(report.clock);
             record(&report);
             for _ in 0..permits_held {
