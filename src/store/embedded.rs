@@ -32,6 +32,9 @@ pub struct EmbeddedStore {
     wal_len: u64,
     /// The size of the last snapshot written or read.
     snapshot_len: u64,
+    /// The WAL frame being written, kept between commits: a busy epoch's is several
+    /// MB, and a new vector each time was written into freshly faulted pages.
+    body: Vec<u8>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -164,6 +167,7 @@ impl EmbeddedStore {
             wal,
             wal_len: good,
             snapshot_len,
+            body: Vec::new(),
         })
     }
 
@@ -227,9 +231,10 @@ impl Store for EmbeddedStore {
                 stored: self.meta.epoch,
             });
         }
-        let body = bincode::serialize(c).expect("commits serialize");
+        self.body.clear();
+        bincode::serialize_into(&mut self.body, c).expect("commits serialize");
         let path = self.dir.join("wal.bin");
-        super::frame::append(&mut self.wal, &mut self.wal_len, &body).map_err(io(&path))?;
+        super::frame::append(&mut self.wal, &mut self.wal_len, &self.body).map_err(io(&path))?;
         apply(&mut self.meta, &mut self.rows, c)?;
         if self.wal_len > SNAPSHOT_AFTER.max(self.snapshot_len) {
             self.snapshot()?;
