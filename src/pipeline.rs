@@ -176,6 +176,24 @@ pub struct Pipeline {
     pub alerts: Alerts,
     /// The Parquet lake: staging of counted events and nightly compaction (`[archive]`).
     pub archive: Archive,
+    /// The staging log's files (`[staging]`).
+    pub staging: Staging,
+}
+
+/// How the staging log (the dataflow's input, replayed after a restart) is kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Staging {
+    /// Once a file of the log holds this many bytes, the next epoch starts a new one;
+    /// whole files are deleted once a restart would skip all their epochs.
+    pub segment_size: u64,
+}
+
+impl Default for Staging {
+    fn default() -> Self {
+        Staging {
+            segment_size: 64 << 20,
+        }
+    }
 }
 
 /// Where and how the archive keeps counted events (see `archive`).
@@ -376,6 +394,14 @@ struct RawPipeline {
     alerts: RawAlerts,
     #[serde(default)]
     archive: RawArchive,
+    #[serde(default)]
+    staging: RawStaging,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStaging {
+    segment_size: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -725,6 +751,11 @@ impl RawPipeline {
             archive.target_file_size = parse_size(t.get_ref())
                 .map_err(|e| at(t.span().start, format!("archive.target_file_size: {e}")))?;
         }
+        let mut staging = Staging::default();
+        if let Some(t) = self.staging.segment_size {
+            staging.segment_size = parse_size(t.get_ref())
+                .map_err(|e| at(t.span().start, format!("staging.segment_size: {e}")))?;
+        }
         let sources = self
             .sources
             .into_iter()
@@ -788,6 +819,7 @@ impl RawPipeline {
             retention,
             alerts,
             archive,
+            staging,
         })
     }
 }
@@ -890,6 +922,27 @@ mod tests {
             "[[sources]]\nkind = \"fluvio\"\ntopic = \"sales\"\nstart = \"later\"\n{VIEW}"
         ));
         assert!(e.line == 1 && e.reason.contains("'later'"), "{e}");
+    }
+
+    #[test]
+    fn the_staging_segment_size_is_read_and_checked() {
+        let p = Pipeline::parse(
+            "t.toml",
+            &format!("[staging]\nsegment_size = \"512KiB\"\n{VIEW}"),
+        )
+        .unwrap();
+        assert_eq!(p.staging.segment_size, 512 << 10);
+        let p = Pipeline::parse("t.toml", VIEW).unwrap();
+        assert_eq!(p.staging.segment_size, 64 << 20);
+        for bad in ["0", "big", "12 MiB"] {
+            let e = err(&format!("[staging]\nsegment_size = \"{bad}\"\n{VIEW}"));
+            assert!(
+                e.line == 2 && e.reason.contains("staging.segment_size: invalid size"),
+                "{e}"
+            );
+        }
+        let e = err(&format!("[staging]\nsegments = \"1MiB\"\n{VIEW}"));
+        assert!(e.line == 2 && e.reason.contains("segments"), "{e}");
     }
 
     #[test]

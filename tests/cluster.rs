@@ -176,7 +176,10 @@ fn a_lost_process_stops_the_cluster_and_a_restart_in_another_shape_is_exact() {
         || health(&health_addr).is_some(),
     );
     assert_eq!(health(&health_addr), Some(ServingStatus::NotServing as i32));
-    let mut leader = c.leader(&["--until-eof"]);
+    // `--follow`: the leader keeps waiting for more input, so it is still running
+    // when killed however fast it reads. With `--until-eof` it could finish the
+    // input, and the follower with it, before the checks below.
+    let mut leader = c.leader(&["--follow"]);
     c.wait_for_a_commit();
     assert_eq!(health(&health_addr), Some(ServingStatus::Serving as i32));
     // The leader dies mid-run; the follower, alone, must stop by itself.

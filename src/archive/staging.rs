@@ -7,8 +7,9 @@
 //! the files that hold nothing else ([`StagingLog::trim`]), so the log on disk stays
 //! about the horizon's worth of epochs on an endless stream.
 //!
-//! Files `<data dir>/staging/log.bin`, then `log.<start>.<epoch>.<clock>.bin` from
-//! each [`SEGMENT_BYTES`] on: one byte sequence, cut into files, one frame per epoch,
+//! Files `<data dir>/staging/log.bin`, then `log.<start>.<epoch>.<clock>.bin` once
+//! each has reached the pipeline's `[staging] segment_size` (64 MiB, about two million
+//! `tally gen` events, by default): one byte sequence, cut into files, one frame per epoch,
 //! `len u32 | xxh3 u64 | zstd(bincode(StagedEpoch))` (see `store::frame`; logs
 //! written before compression hold plain `bincode(StagedEpoch)` frames, and still
 //! read). The committer appends and fsyncs an epoch's frame before committing the
@@ -62,11 +63,6 @@ impl StagedEpoch {
         });
     }
 }
-
-/// Once the file being written holds this many bytes, the next epoch starts a new one:
-/// whole files are what [`StagingLog::trim`] deletes. About two million `tally gen`
-/// events at the compressed size.
-const SEGMENT_BYTES: u64 = 64 << 20;
 
 /// One file of the log, holding its bytes from `base` on: `log.bin` from 0, then
 /// `log.<base>.<first epoch>.<that epoch's clock>.bin`, so that trimming needs no read.
@@ -156,7 +152,7 @@ fn check_len(path: &Path, actual: u64, committed_len: u64) -> io::Result<()> {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
-                "{} is shorter ({actual} bytes) than the store's committed length \
+                "the staging log in {} is shorter ({actual} bytes) than the store's committed length \
                  ({committed_len}): the store's commits came from another data directory; \
                  run with that one, or commit to a new store (another --redis-namespace)",
                 path.display()
@@ -172,7 +168,7 @@ impl StagingLog {
     pub fn check(data_dir: &Path, committed_len: u64) -> io::Result<()> {
         let dir = data_dir.join("staging");
         let end = segments(&dir)?.0.last().map_or(0, |(s, len)| s.base + len);
-        check_len(&dir.join("log.bin"), end, committed_len)
+        check_len(&dir, end, committed_len)
     }
 
     /// Opens the log, cutting it to `committed_len` (what the store says is committed):
@@ -186,7 +182,7 @@ impl StagingLog {
             std::fs::remove_file(&s.path)?;
         }
         let end = found.last().map_or(0, |(s, len)| s.base + len);
-        check_len(&dir.join("log.bin"), end, committed_len)?;
+        check_len(&dir, end, committed_len)?;
         if let Some((first, _)) = found.first() {
             if first.base > committed_len {
                 return Err(io::Error::new(
@@ -227,12 +223,19 @@ impl StagingLog {
             segments,
             file,
             len: committed_len,
-            segment_bytes: SEGMENT_BYTES,
+            segment_bytes: crate::pipeline::Staging::default().segment_size,
             body: Vec::new(),
             zstd: frame::Zstd::new()?,
         };
         log.report();
         Ok(log)
+    }
+
+    /// Starts a new file once the one being written holds `bytes` (`[staging]
+    /// segment_size`; 64 MiB unless set).
+    pub fn with_segment_size(mut self, bytes: u64) -> StagingLog {
+        self.segment_bytes = bytes.max(1);
+        self
     }
 
     /// The file being written.
@@ -257,8 +260,11 @@ impl StagingLog {
         }
         self.body.clear();
         bincode::serialize_into(&mut self.body, e).map_err(io::Error::other)?;
-        self.zstd
-            .append(&mut self.file, &mut self.len, &self.body)?;
+        // The frame writer counts in the file (a failed append is cut back there).
+        let base = self.segments.last().expect("never empty").base;
+        let mut in_file = self.len - base;
+        self.zstd.append(&mut self.file, &mut in_file, &self.body)?;
+        self.len = base + in_file;
         self.report();
         Ok(self.len)
     }
@@ -293,7 +299,10 @@ impl StagingLog {
             if next_clock == Millis::MIN || !expired(next_epoch.saturating_sub(1), next_clock) {
                 break;
             }
-            std::fs::remove_file(&self.segments[0].path)?;
+            match std::fs::remove_file(&self.segments[0].path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
             self.segments.remove(0);
             n += 1;
         }
@@ -469,17 +478,22 @@ mod tests {
         assert_eq!(epochs_in(&log), vec![1, 2, 3, 4]);
     }
 
+    /// A new log in `dir` of epochs 1 to `n`, each in a file of its own; and its length.
+    fn one_epoch_a_file(dir: &Path, n: Epoch) -> (StagingLog, u64) {
+        let mut log = StagingLog::open(dir, 0).unwrap().with_segment_size(1);
+        let mut end = 0;
+        for e in 1..=n {
+            end = log.append(&epoch(e, 20)).unwrap();
+        }
+        (log, end)
+    }
+
     /// Trimming deletes the oldest files whose epochs have all expired, never the one
     /// written; the log then reads and reopens from the first file kept.
     #[test]
     fn trimming_deletes_whole_files_of_expired_epochs() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = StagingLog::open(dir.path(), 0).unwrap();
-        log.segment_bytes = 1;
-        let mut end = 0;
-        for n in 1..=6 {
-            end = log.append(&epoch(n, 20)).unwrap();
-        }
+        let (mut log, end) = one_epoch_a_file(dir.path(), 6);
         let before = log.bytes();
         // Epochs up to 3 have expired. File i holds epoch i alone: files 1 to 3 go.
         let asked = std::cell::RefCell::new(Vec::new());
@@ -519,12 +533,8 @@ mod tests {
     #[test]
     fn files_before_a_gap_are_not_part_of_the_log() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = StagingLog::open(dir.path(), 0).unwrap();
-        log.segment_bytes = 1;
-        let mut end = 0;
-        for n in 1..=4 {
-            end = log.append(&epoch(n, 20)).unwrap();
-        }
+        let (log, end) = one_epoch_a_file(dir.path(), 4);
+        drop(log);
         let second = files(dir.path())[1].clone();
         std::fs::remove_file(dir.path().join("staging").join(second)).unwrap();
         let log = StagingLog::open(dir.path(), end).unwrap();

@@ -13,8 +13,8 @@
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
-/// Appends one frame holding `body` at `*len`, durably; on failure cuts the file back
-/// to `*len` so later frames stay readable.
+/// Appends one frame holding `body` at `*len` (the file's length), durably; on
+/// failure cuts the file back to `*len` so later frames stay readable.
 pub fn append(file: &mut File, len: &mut u64, body: &[u8]) -> io::Result<()> {
     write(file, len, body, xxhash_rust::xxh3::xxh3_64(body))
 }
@@ -28,7 +28,7 @@ const ZSTD_SEED: u64 = 0x007a_7374_645f_7631; // "zstd_v1"
 const ZSTD_LEVEL: i32 = 1;
 
 /// A writer of compressed frames, keeping its zstd context and output buffer
-/// between appends (a busy epoch's staging frame is tens of MB).
+/// between appends (a busy epoch's staging frame is over 10 MB before compression).
 pub struct Zstd {
     ctx: zstd::bulk::Compressor<'static>,
     out: Vec<u8>,
@@ -74,7 +74,9 @@ fn write(file: &mut File, len: &mut u64, body: &[u8], sum: u64) -> io::Result<()
 }
 
 /// Reads the next frame's body (decompressed if it was stored compressed): `Ok(None)`
-/// at a clean end, `InvalidData` for a torn or corrupt frame.
+/// at a clean end, `InvalidData` for a torn or corrupt frame. A compressed frame
+/// takes fewer bytes in the file than `12 + body.len()`: a reader that counts its
+/// position from the bodies (the embedded store's WAL replay does) needs plain frames.
 pub fn read(r: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
     let mut head = [0u8; 12];
     match r.read_exact(&mut head) {
