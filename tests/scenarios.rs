@@ -6,7 +6,8 @@
 mod common;
 
 use common::{
-    committed_bytes, dead_letters_by_line, gen_to, run_until_eof, scenarios, tally, wait_for,
+    committed_bytes, dead_letters_by_line, gen_to, run_until_eof, run_until_eof_with, scenarios,
+    tally, wait_for,
 };
 use std::io::Write;
 use std::path::Path;
@@ -375,43 +376,24 @@ fn resumes_from_a_trimmed_log(redis: Option<&str>) {
     )
     .unwrap();
 
-    let path = |p: &Path| p.to_str().expect("UTF-8 test paths").to_owned();
     // On Redis, each run in a namespace of its own (`ns`). Its retention drops old
     // minute windows there, so the straight run is on Redis too.
-    let run = |input: &Path, data: &Path, workers: &str, ns: &str, export: Option<&Path>| {
-        let mut args = vec![
-            "run".to_owned(),
-            path(input),
-            "--until-eof".into(),
-            "--data-dir".into(),
-            path(data),
-            "--pipeline".into(),
-            path(&pipeline),
-            "--workers".into(),
-            workers.into(),
-        ];
-        if let Some(url) = redis {
-            args.extend([
-                "--redis".to_owned(),
-                url.to_owned(),
-                "--redis-namespace".into(),
-                ns.into(),
-            ]);
-        }
-        if let Some(e) = export {
-            args.extend(["--export".to_owned(), path(e)]);
-        }
-        common::ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let run = |input: &Path, data: &Path, workers: u32, ns: &str, export: Option<&Path>| {
+        let extra = match redis {
+            Some(url) => vec!["--redis", url, "--redis-namespace", ns],
+            None => Vec::new(),
+        };
+        run_until_eof_with(input, data, Some(workers), Some(&pipeline), export, &extra);
     };
     let want = tmp.path().join("want.jsonl");
-    run(&all, &tmp.path().join("one"), "1", "straight", Some(&want));
+    run(&all, &tmp.path().join("one"), 1, "straight", Some(&want));
     // The first two thirds (about 44 hours), then the rest appended to the same file.
     let text = std::fs::read_to_string(&all).unwrap();
     let cut = text.match_indices('\n').nth(79_999).unwrap().0 + 1;
     let input = tmp.path().join("input.jsonl");
     std::fs::write(&input, &text[..cut]).unwrap();
     let data = tmp.path().join("data");
-    run(&input, &data, "1", "resumed", None);
+    run(&input, &data, 1, "resumed", None);
     let files: Vec<String> = std::fs::read_dir(data.join("staging"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -427,7 +409,7 @@ fn resumes_from_a_trimmed_log(redis: Option<&str>) {
         .write_all(&text.as_bytes()[cut..])
         .unwrap();
     let got = tmp.path().join("got.jsonl");
-    run(&input, &data, "2", "resumed", Some(&got));
+    run(&input, &data, 2, "resumed", Some(&got));
     let (got, want) = (
         std::fs::read_to_string(&got).unwrap(),
         std::fs::read_to_string(&want).unwrap(),

@@ -207,8 +207,7 @@ struct Spent {
 }
 
 impl Spent {
-    fn of(p: &Pipeline) -> Spent {
-        let rules = crate::dataflow::Rules::of(p);
+    fn of(p: &Pipeline, rules: &crate::dataflow::Rules) -> Spent {
         let longest_window = p
             .views
             .iter()
@@ -308,7 +307,7 @@ pub fn run(
     };
     let mut staged = staging.read().map_err(staging_err)?.peekable();
     let rules = crate::dataflow::Rules::of(&cfg.pipeline);
-    let spent = Spent::of(&cfg.pipeline);
+    let spent = Spent::of(&cfg.pipeline, &rules);
     let mut skipped = 0u64;
     while let Some(Ok(s)) = staged.peek() {
         if spent.skips(s.epoch, s.clock, meta.clock, staged_epoch) {

@@ -200,9 +200,9 @@ impl EmbeddedStore {
 
 /// Reads one commit; `None` at the end or at a torn/corrupt frame (the tail a crash left).
 fn read_frame(r: &mut impl Read) -> Option<(Commit, u64)> {
-    let body = super::frame::read(r).ok()??;
+    let (body, stored) = super::frame::read_sized(r).ok()??;
     let c = bincode::deserialize(&body).ok()?;
-    Some((c, 12 + body.len() as u64))
+    Some((c, stored))
 }
 
 impl Store for EmbeddedStore {

@@ -86,6 +86,18 @@ pub fn run_until_eof(
     pipeline: Option<&Path>,
     export: Option<&Path>,
 ) -> Output {
+    run_until_eof_with(input, data, workers, pipeline, export, &[])
+}
+
+/// [`run_until_eof`] with `extra` arguments (e.g. `--redis URL`).
+pub fn run_until_eof_with(
+    input: &Path,
+    data: &Path,
+    workers: Option<u32>,
+    pipeline: Option<&Path>,
+    export: Option<&Path>,
+    extra: &[&str],
+) -> Output {
     let path = |p: &Path| p.to_str().expect("UTF-8 test paths").to_owned();
     let mut args = vec![
         "run".to_owned(),
@@ -103,6 +115,7 @@ pub fn run_until_eof(
     if let Some(e) = export {
         args.extend(["--export".to_owned(), path(e)]);
     }
+    args.extend(extra.iter().map(|a| a.to_string()));
     ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
