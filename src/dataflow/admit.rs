@@ -8,13 +8,12 @@
 //! - seen with the same fingerprint: a redelivery, dropped silently.
 //! - seen with another fingerprint: `conflicting_duplicate`; the first copy stands.
 //!
-//! Ids are held as 128-bit digests. An id is forgotten once its event time is more than
-//! the dedup horizon behind the clock; the voids stage forgets it with it (`Forgotten`).
+//! Ids are held as 128-bit digests, in the table the voids stage keeps its slots in
+//! (`voids::Ids`). An id is forgotten once its event time is more than the dedup horizon
+//! behind the clock; the voids stage forgets its slot at the same epoch.
 
-use super::table::Parted;
-use super::{
-    epochs, id_digest, keyed, route, DeadLetter, Epoch, Expiry, Forgotten, Out, Record, Rules,
-};
+use super::voids::{Seen, SharedIds};
+use super::{epochs, id_digest, keyed, route, DeadLetter, Epoch, Expiry, Out, Record, Rules};
 use crate::decode::Reason;
 use crate::model::{Kind, Millis};
 use timely::dataflow::Stream;
@@ -23,10 +22,8 @@ pub(super) fn admit<'s>(
     records: Stream<'s, Epoch, Vec<Record>>,
     clock: Stream<'s, Epoch, Vec<Millis>>,
     rules: Rules,
-    forgotten: Forgotten,
+    ids: SharedIds,
 ) -> (Stream<'s, Epoch, Vec<Record>>, Stream<'s, Epoch, Vec<Out>>) {
-    // event_id digest -> fingerprint of the first copy.
-    let mut seen: Parted<super::Digest, u64> = Parted::default();
     let mut expiry: Expiry<super::Digest> = Expiry::default();
     let decided = epochs(
         records,
@@ -34,16 +31,15 @@ pub(super) fn admit<'s>(
         keyed(|r: &Record| route(r.event.event_id.as_bytes())),
         "Admit",
         move |epoch, batch: &mut Vec<Record>, clock, out: &mut Vec<Result<Record, Out>>| {
-            let held = seen.len();
+            let mut ids = ids.borrow_mut();
+            let held = ids.remembered();
             batch.sort_unstable_by_key(|r| r.pos);
             for r in batch.drain(..) {
-                let fp = r.event.fingerprint();
                 let id = id_digest(&r.event.event_id);
-                match seen.get(&id) {
-                    Some(first) if *first == fp => out.push(Err(Out::Duplicate)),
-                    Some(_) => out.push(Err(dead(Reason::ConflictingDuplicate, r))),
-                    None => {
-                        seen.insert(id, fp);
+                match ids.admit(id, r.event.fingerprint()) {
+                    Seen::Same => out.push(Err(Out::Duplicate)),
+                    Seen::Other => out.push(Err(dead(Reason::ConflictingDuplicate, r))),
+                    Seen::New => {
                         expiry.at(r.event.ts.saturating_add(rules.horizon), id);
                         if r.event.kind != Kind::Void && r.event.ts < r.wm {
                             out.push(Err(dead(Reason::Late, r)));
@@ -53,12 +49,8 @@ pub(super) fn admit<'s>(
                     }
                 }
             }
-            let due = expiry.due(clock);
-            for id in &due {
-                seen.remove(id);
-            }
-            forgotten.put(epoch, due);
-            super::track_state("admit", held, seen.len());
+            ids.forget(epoch, expiry.due(clock));
+            super::track_state("admit", held, ids.remembered());
         },
     );
     use timely::dataflow::operators::core::OkErr;

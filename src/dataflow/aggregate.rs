@@ -665,7 +665,7 @@ fn slot<'a, S: Default>(
     key: RowKey,
     seal: Millis,
 ) -> (&'a mut S, bool) {
-    use std::collections::hash_map::Entry;
+    use super::table::Entry;
     match map.entry(id) {
         Entry::Occupied(o) => (&mut o.into_mut().1, false),
         Entry::Vacant(v) => {

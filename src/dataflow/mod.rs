@@ -379,10 +379,10 @@ fn build<'s>(
 ) -> Stream<'s, Epoch, Vec<Out>> {
     let rules = Rules::of(p);
     let plan = Arc::new(aggregate::Plan::new(p));
-    // The ids admission forgot per epoch, which the voids stage forgets too (see Forgotten).
-    let forgotten = Forgotten::default();
-    let (accepted, dead) = admit::admit(records, clock.clone(), rules.clone(), forgotten.clone());
-    let (counted, void_out) = voids::voids(accepted, clock.clone(), rules.clone(), forgotten);
+    // Event ids: one table for admission and the voids stage of this worker.
+    let ids = voids::SharedIds::default();
+    let (accepted, dead) = admit::admit(records, clock.clone(), rules.clone(), ids.clone());
+    let (counted, void_out) = voids::voids(accepted, clock.clone(), rules.clone(), ids);
     let partial = aggregate::explode(counted, clock.clone(), Arc::clone(&plan));
     let rows = aggregate::rows(partial, clock, plan, rules);
     use timely::dataflow::operators::Concat;
@@ -507,31 +507,6 @@ where
     I: timely::ExchangeData,
 {
     Exchange::new(move |x: &I| key(x))
-}
-
-/// The ids admission forgot at the end of each epoch, handed on to the voids stage of
-/// the same worker: both stages key an event by its id (the same route), and the voids
-/// stage holds a target for exactly as long as admission remembers its id (its event
-/// time plus the dedup horizon), so one expiry queue serves both. Admission runs an
-/// epoch before the voids stage does (the voids stage reads its output), so each
-/// epoch's list is there when the voids stage reaches that epoch; it takes it then.
-#[derive(Clone, Default)]
-pub(crate) struct Forgotten(std::rc::Rc<std::cell::RefCell<BTreeMap<Epoch, Vec<Digest>>>>);
-
-impl Forgotten {
-    pub fn put(&self, epoch: Epoch, ids: Vec<Digest>) {
-        if !ids.is_empty() {
-            self.0.borrow_mut().insert(epoch, ids);
-        }
-    }
-
-    /// The ids forgotten at `epoch` (and at any earlier epoch not yet taken).
-    pub fn take(&self, epoch: Epoch) -> Vec<Digest> {
-        let mut lists = self.0.borrow_mut();
-        let later = lists.split_off(&(epoch + 1));
-        let due = std::mem::replace(&mut *lists, later);
-        due.into_values().flatten().collect()
-    }
 }
 
 /// Keys that leave state at an event time, exactly: buckets of one minute holding

@@ -10,7 +10,8 @@
 //! part's array, and the array a part frees is there for the next part to grow into
 //! (measured in benches/README, session 14).
 
-use std::collections::hash_map::{Entry, HashMap};
+pub(crate) use hashbrown::hash_map::Entry;
+use hashbrown::{Equivalent, HashMap};
 use std::hash::Hash;
 
 /// Bits of the key that choose the part.
@@ -37,17 +38,44 @@ impl PartKey for [u64; 2] {
     }
 }
 
+/// Seeds of the hash the embedded store's rows are parted by.
+const PARTING: ahash::RandomState = ahash::RandomState::with_seeds(
+    0x243f_6a88_85a3_08d3,
+    0x1319_8a2e_0370_7344,
+    0xa409_3822_299f_31d0,
+    0x082e_fa98_ec4e_6c89,
+);
+
 /// The embedded store's rows: their key is no digest, so the part comes from a hash
 /// of it with fixed seeds (independent of the parts' own randomly seeded hasher, whose
 /// top bits must still vary within a part).
 impl PartKey for (crate::dataflow::RowKey, u32) {
     fn part(&self) -> usize {
-        const PARTING: ahash::RandomState = ahash::RandomState::with_seeds(
-            0x243f_6a88_85a3_08d3,
-            0x1319_8a2e_0370_7344,
-            0xa409_3822_299f_31d0,
-            0x082e_fa98_ec4e_6c89,
-        );
+        (PARTING.hash_one(self) >> (64 - PART_BITS)) as usize
+    }
+}
+
+/// A store row's key and rank, borrowed: finds a row without an owned copy of its key
+/// (the store changes rows that exist far more often than it adds rows).
+#[derive(Clone, Copy)]
+pub(crate) struct RowRef<'a>(pub &'a crate::dataflow::RowKey, pub u32);
+
+/// Hashes as the owned `(RowKey, u32)` does (a tuple hashes its fields in order).
+impl Hash for RowRef<'_> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+        self.1.hash(state);
+    }
+}
+
+impl Equivalent<(crate::dataflow::RowKey, u32)> for RowRef<'_> {
+    fn equivalent(&self, key: &(crate::dataflow::RowKey, u32)) -> bool {
+        *self.0 == key.0 && self.1 == key.1
+    }
+}
+
+impl PartKey for RowRef<'_> {
+    fn part(&self) -> usize {
         (PARTING.hash_one(self) >> (64 - PART_BITS)) as usize
     }
 }
@@ -69,32 +97,31 @@ impl<K, V> Default for Parted<K, V> {
 }
 
 impl<K: PartKey + Hash + Eq, V> Parted<K, V> {
-    fn part(&self, k: &K) -> &HashMap<K, V, ahash::RandomState> {
-        &self.parts[k.part()]
-    }
-
     fn part_mut(&mut self, k: &K) -> &mut HashMap<K, V, ahash::RandomState> {
         &mut self.parts[k.part()]
     }
 
-    pub fn entry(&mut self, k: K) -> Entry<'_, K, V> {
+    pub fn entry(&mut self, k: K) -> Entry<'_, K, V, ahash::RandomState> {
         self.part_mut(&k).entry(k)
     }
 
-    pub fn get(&self, k: &K) -> Option<&V> {
-        self.part(k).get(k)
+    /// The value under `k`, or under the key `k` stands for (a borrowed form: see
+    /// [`Equivalent`]; it must hash as that key does and choose the same part).
+    pub fn get<Q: PartKey + Hash + Equivalent<K> + ?Sized>(&self, k: &Q) -> Option<&V> {
+        self.parts[k.part()].get(k)
     }
 
-    pub fn get_mut(&mut self, k: &K) -> Option<&mut V> {
-        self.part_mut(k).get_mut(k)
+    /// Like [`Parted::get`], to change the value in place.
+    pub fn get_mut<Q: PartKey + Hash + Equivalent<K> + ?Sized>(&mut self, k: &Q) -> Option<&mut V> {
+        self.parts[k.part()].get_mut(k)
     }
 
     pub fn insert(&mut self, k: K, v: V) -> Option<V> {
         self.part_mut(&k).insert(k, v)
     }
 
-    pub fn remove(&mut self, k: &K) -> Option<V> {
-        self.part_mut(k).remove(k)
+    pub fn remove<Q: PartKey + Hash + Equivalent<K> + ?Sized>(&mut self, k: &Q) -> Option<V> {
+        self.parts[k.part()].remove(k)
     }
 
     /// Entries in all parts (a sum over [`PARTS`] lengths).
@@ -114,8 +141,8 @@ impl<K: PartKey + Hash + Eq, V> Parted<K, V> {
 
 type PartsIter<'a, K, V> = std::iter::FlatMap<
     std::slice::Iter<'a, HashMap<K, V, ahash::RandomState>>,
-    std::collections::hash_map::Iter<'a, K, V>,
-    fn(&'a HashMap<K, V, ahash::RandomState>) -> std::collections::hash_map::Iter<'a, K, V>,
+    hashbrown::hash_map::Iter<'a, K, V>,
+    fn(&'a HashMap<K, V, ahash::RandomState>) -> hashbrown::hash_map::Iter<'a, K, V>,
 >;
 
 /// [`Parted::iter`]: the parts' entries chained, with their count.
@@ -201,6 +228,13 @@ mod tests {
             "a part was never used"
         );
         assert_eq!(t.get(&key(123)), Some(&123));
+        // Borrowed keys find the same rows.
+        for i in [0, 123, 19_999] {
+            let (k, rank) = key(i);
+            assert_eq!(RowRef(&k, rank).part(), key(i).part());
+            assert_eq!(t.get(&RowRef(&k, rank)), Some(&i));
+            assert_eq!(t.get(&RowRef(&k, 1)), None);
+        }
         assert_eq!(t.iter().len(), 20_000);
         let mut seen: Vec<u32> = t.iter().map(|(_, v)| *v).collect();
         seen.sort_unstable();

@@ -222,14 +222,17 @@ pub(crate) fn check_views(meta: &mut Meta, views: &[View]) -> Result<bool, Store
 
 /// Applies a commit to metadata and rows held in memory: shared by every store.
 pub(crate) fn apply(meta: &mut Meta, rows: &mut RowMap, c: &Commit) -> Result<(), StoreError> {
+    use crate::dataflow::table::RowRef;
     advance(meta, c)?;
     for u in &c.changes {
-        let k = (u.key.clone(), u.rank);
-        match &u.value {
-            Some(v) => {
-                rows.insert(k, v.clone());
+        let k = RowRef(&u.key, u.rank);
+        match (&u.value, rows.get_mut(&k)) {
+            // Most changes are to rows that exist: their key is not copied.
+            (Some(v), Some(held)) => *held = v.clone(),
+            (Some(v), None) => {
+                rows.insert((u.key.clone(), u.rank), v.clone());
             }
-            None => {
+            (None, _) => {
                 rows.remove(&k);
             }
         }
