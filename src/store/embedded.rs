@@ -2,16 +2,18 @@
 //! and periodic snapshots in `<data dir>/store/`.
 //!
 //! - `wal.bin`: one framed record per commit: `len u32 | xxh3 u64 | bincode(Commit)`,
-//!   appended and fsynced before `commit` returns. A torn or corrupt tail (a crash
-//!   mid-append) is cut off at open; a commit is therefore all there or not at all.
+//!   the body zstd-compressed ([`super::frame::Zstd`]; a log written plain still
+//!   reads), appended and fsynced before `commit` returns. A torn or corrupt tail (a
+//!   crash mid-append) is cut off at open; a commit is therefore all there or not at
+//!   all.
 //! - `snapshot.bin`: the whole state, written to a temporary file, fsynced and renamed
 //!   over the old one; after that the log is emptied. Commits in the log that the
 //!   snapshot already holds (a crash between the two steps) are skipped at open.
 //!
-//! A snapshot is written once the log is larger than 64 MiB and than the last
-//! snapshot, so the bytes snapshots write stay proportional to the bytes committed
-//! however large the state grows (as Redis rewrites its append-only file once it has
-//! doubled).
+//! A snapshot is written once the commits in the log, counted before compression,
+//! are larger than 64 MiB and than the last snapshot, so the bytes snapshots write
+//! stay proportional to the bytes committed however large the state grows (as Redis
+//! rewrites its append-only file once it has doubled).
 
 use super::{apply, check_views, Commit, Meta, RowMap, Store, StoreError, StoredRow};
 use serde::{Deserialize, Serialize};
@@ -19,7 +21,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-/// Write a snapshot once the log is this large (and larger than the last snapshot).
+/// Write a snapshot once the log's commits are this large before compression (and
+/// larger than the last snapshot).
 const SNAPSHOT_AFTER: u64 = 64 << 20;
 
 pub struct EmbeddedStore {
@@ -30,11 +33,16 @@ pub struct EmbeddedStore {
     rows: RowMap,
     wal: File,
     wal_len: u64,
+    /// The commits' bytes in the WAL before compression: what a snapshot is compared
+    /// with (it is written plain).
+    wal_plain: u64,
     /// The size of the last snapshot written or read.
     snapshot_len: u64,
     /// The WAL frame being written, kept between commits: a busy epoch's is several
     /// MB, and a new vector each time was written into freshly faulted pages.
     body: Vec<u8>,
+    /// Compresses the WAL's frames (a WAL written plain still reads).
+    zstd: super::frame::Zstd,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -145,14 +153,15 @@ impl EmbeddedStore {
             .append(!writer)
             .open(&wal_path)
             .map_err(io(&wal_path))?;
-        let mut good = 0u64;
+        let (mut good, mut plain) = (0u64, 0u64);
         {
             let mut r = BufReader::new(&mut wal);
-            while let Some((c, len)) = read_frame(&mut r) {
+            while let Some((c, stored, body)) = read_frame(&mut r) {
                 if c.epoch > meta.epoch {
                     apply(&mut meta, &mut rows, &c)?;
                 }
-                good += len;
+                good += stored;
+                plain += body;
             }
         }
         if writer {
@@ -166,8 +175,10 @@ impl EmbeddedStore {
             rows,
             wal,
             wal_len: good,
+            wal_plain: plain,
             snapshot_len,
             body: Vec::new(),
+            zstd: super::frame::Zstd::new().map_err(io(&wal_path))?,
         })
     }
 
@@ -194,15 +205,18 @@ impl EmbeddedStore {
         self.wal.set_len(0).map_err(io(&self.dir))?;
         self.wal.seek(SeekFrom::Start(0)).map_err(io(&self.dir))?;
         self.wal_len = 0;
+        self.wal_plain = 0;
         Ok(())
     }
 }
 
-/// Reads one commit; `None` at the end or at a torn/corrupt frame (the tail a crash left).
-fn read_frame(r: &mut impl Read) -> Option<(Commit, u64)> {
+/// Reads one commit; `None` at the end or at a torn/corrupt frame (the tail a crash
+/// left). With the commit: the bytes its frame takes in the file, and its body's
+/// length before compression.
+fn read_frame(r: &mut impl Read) -> Option<(Commit, u64, u64)> {
     let (body, stored) = super::frame::read_sized(r).ok()??;
     let c = bincode::deserialize(&body).ok()?;
-    Some((c, stored))
+    Some((c, stored, body.len() as u64))
 }
 
 impl Store for EmbeddedStore {
@@ -234,9 +248,14 @@ impl Store for EmbeddedStore {
         self.body.clear();
         bincode::serialize_into(&mut self.body, c).expect("commits serialize");
         let path = self.dir.join("wal.bin");
-        super::frame::append(&mut self.wal, &mut self.wal_len, &self.body).map_err(io(&path))?;
+        self.zstd
+            .append(&mut self.wal, &mut self.wal_len, &self.body)
+            .map_err(io(&path))?;
+        self.wal_plain += self.body.len() as u64;
         apply(&mut self.meta, &mut self.rows, c)?;
-        if self.wal_len > SNAPSHOT_AFTER.max(self.snapshot_len) {
+        // Counted before compression: replaying the WAL costs by what it holds, and the
+        // snapshot it is weighed against is written plain.
+        if self.wal_plain > SNAPSHOT_AFTER.max(self.snapshot_len) {
             self.snapshot()?;
         }
         Ok(())
@@ -365,5 +384,42 @@ mod tests {
         let mut s = EmbeddedStore::open(dir.path()).unwrap();
         assert_eq!((s.meta().epoch, s.rows().unwrap()[0].1.sums.sales), (2, 4));
         assert_eq!(s.meta().staging_len, 14);
+    }
+
+    #[test]
+    fn a_log_written_plain_opens_and_goes_on_compressed() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = |c: &Commit| bincode::serialize(c).unwrap();
+        // A log from before compression: two plain frames.
+        std::fs::create_dir_all(dir.path().join("store")).unwrap();
+        let wal = dir.path().join("store/wal.bin");
+        let mut f = File::create(&wal).unwrap();
+        let mut len = 0;
+        for c in [commit(1, 1), commit(2, 2)] {
+            crate::store::frame::append(&mut f, &mut len, &plain(&c)).unwrap();
+        }
+        drop(f);
+        {
+            let mut s = EmbeddedStore::open(dir.path()).unwrap();
+            assert_eq!((s.meta().epoch, s.rows().unwrap()[0].1.sums.sales), (2, 2));
+            s.commit(&commit(3, 3)).unwrap();
+        }
+        let bytes = std::fs::read(&wal).unwrap();
+        let third = &bytes[len as usize..];
+        let sum = u64::from_le_bytes(third[4..12].try_into().unwrap());
+        assert_ne!(
+            sum,
+            xxhash_rust::xxh3::xxh3_64(&third[12..]),
+            "the third frame is stored compressed"
+        );
+        let mut s = EmbeddedStore::open(dir.path()).unwrap();
+        assert_eq!((s.meta().epoch, s.rows().unwrap()[0].1.sums.sales), (3, 3));
+        // The snapshot trigger weighs the commits as they were, not as stored.
+        let want: u64 = [commit(1, 1), commit(2, 2), commit(3, 3)]
+            .iter()
+            .map(|c| plain(c).len() as u64)
+            .sum();
+        assert_eq!(s.wal_plain, want);
+        assert_eq!(s.wal_len, bytes.len() as u64);
     }
 }
