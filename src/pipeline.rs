@@ -378,8 +378,8 @@ impl<'de> Deserialize<'de> for Size {
 #[serde(deny_unknown_fields)]
 struct RawPipeline {
     name: Option<String>,
-    allowed_lateness: Option<Dur>,
-    dedup_horizon: Option<Dur>,
+    allowed_lateness: Option<Spanned<Dur>>,
+    dedup_horizon: Option<Spanned<Dur>>,
     dead_letters: Option<PathBuf>,
     #[serde(default)]
     epoch: RawEpoch,
@@ -542,6 +542,29 @@ impl RawPipeline {
         let mut views: Vec<View> = Vec::new();
         if self.views.is_empty() {
             return Err(at(0, "a pipeline needs at least one [[views]]".into()));
+        }
+        let allowed_lateness = self
+            .allowed_lateness
+            .as_ref()
+            .map_or(Duration::from_secs(15 * 60), |d| d.get_ref().0);
+        let dedup_horizon = self
+            .dedup_horizon
+            .as_ref()
+            .map_or(Duration::from_secs(48 * 3600), |d| d.get_ref().0);
+        if dedup_horizon < allowed_lateness {
+            // A redelivery after the horizon and inside the lateness would count twice.
+            let span = self
+                .dedup_horizon
+                .as_ref()
+                .or(self.allowed_lateness.as_ref());
+            return Err(at(
+                span.map_or(0, |d| d.span().start),
+                format!(
+                    "dedup_horizon ({dedup_horizon:?}) is shorter than allowed_lateness \
+                     ({allowed_lateness:?}): a redelivery after the horizon and within the \
+                     lateness would count twice"
+                ),
+            ));
         }
         for v in self.views {
             let name_at = v.name.span().start;
@@ -801,12 +824,8 @@ impl RawPipeline {
         Ok(Pipeline {
             name: self.name.unwrap_or_else(|| "tally".into()),
             file: file.to_owned(),
-            allowed_lateness: self
-                .allowed_lateness
-                .map_or(Duration::from_secs(15 * 60), |d| d.0),
-            dedup_horizon: self
-                .dedup_horizon
-                .map_or(Duration::from_secs(48 * 3600), |d| d.0),
+            allowed_lateness,
+            dedup_horizon,
             epoch_max_duration,
             epoch_max_events,
             dead_letters: self
@@ -950,6 +969,27 @@ mod tests {
         let e = err(&format!("name = \"x\"\nlatenes = \"1m\"\n{VIEW}"));
         assert_eq!(e.line, 2, "{e}");
         assert!(e.reason.contains("latenes"), "{e}");
+    }
+
+    #[test]
+    fn a_horizon_shorter_than_the_lateness_is_rejected_with_its_line() {
+        let e = err(&format!(
+            "allowed_lateness = \"2h\"\ndedup_horizon = \"1h\"\n{VIEW}"
+        ));
+        assert!(
+            e.line == 2
+                && e.reason
+                    .contains("dedup_horizon (3600s) is shorter than allowed_lateness (7200s)"),
+            "{e}"
+        );
+        // The default horizon (48 h) against a longer lateness: the lateness's line.
+        let e = err(&format!("\nallowed_lateness = \"49h\"\n{VIEW}"));
+        assert!(e.line == 2 && e.reason.contains("dedup_horizon"), "{e}");
+        let p = Pipeline::parse(
+            "p.toml",
+            &format!("allowed_lateness = \"1h\"\ndedup_horizon = \"1h\"\n{VIEW}"),
+        );
+        assert!(p.is_ok(), "an equal horizon is fine");
     }
 
     #[test]

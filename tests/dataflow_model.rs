@@ -1,7 +1,8 @@
 //! The dataflow against the reference model (tests/common/reference.rs), at 1 and 3
 //! workers, with random epoch splits: dedup, conflicting duplicates, voids in both
 //! orders, void of void, cross-provider voids, orphans, refunds, lateness, expiry
-//! and sealing (a short horizon), and two time zones.
+//! and sealing (a short horizon), and two time zones. The reference ignores the
+//! splits, so every split must give the same outcome.
 
 mod common;
 
@@ -237,6 +238,14 @@ fn check(ops: Vec<Op>, cuts: Vec<bool>) -> Result<(), TestCaseError> {
     let want = reference(&p, &ref_epochs);
     for workers in [1, 3] {
         let got = dataflow(&p, workers, df_epochs.clone());
+        if got.dead != want.dead {
+            let sizes: Vec<usize> = df_epochs.iter().map(|e| e.0.len()).collect();
+            std::fs::write(
+                "/tmp/fail.txt",
+                format!("{sizes:?}\n{}\n", lines.join("\n")),
+            )
+            .unwrap();
+        }
         prop_assert_eq!(
             &got.dead,
             &want.dead,
@@ -307,4 +316,47 @@ fn generated_stream_matches_the_reference_model() {
         assert_eq!(got.duplicates, want.duplicates);
         assert!(got.rows == want.rows, "rows differ at {workers} workers");
     }
+}
+
+/// What a record finds past the dedup horizon does not depend on where epochs were cut:
+/// a void of a target past its horizon does not cancel it, and a redelivery past its
+/// horizon is a new (and late) event, not a silent duplicate, in one epoch as in four.
+#[test]
+fn the_horizon_is_judged_at_each_record_not_at_epoch_ends() {
+    let p = Arc::new(Pipeline::parse("test.toml", PIPELINE).unwrap());
+    let t0: Millis = 1_795_318_200_000;
+    let later = t0 + 2 * 3_600_000 + 60_000; // past e1's horizon of 2 h
+    let sale = |id: &str, ts: Millis| {
+        format!("{{\"event_id\":\"{id}\",\"provider_id\":\"a\",\"product_id\":\"p\",\"customer_id\":\"c\",\"kind\":\"sale\",\"amount\":\"10.00\",\"currency\":\"COP\",\"ts\":{ts}}}")
+    };
+    let lines = vec![
+        sale("e1", t0),
+        sale("e2", later),
+        format!("{{\"event_id\":\"e3\",\"provider_id\":\"a\",\"product_id\":\"p\",\"customer_id\":\"c\",\"kind\":\"void\",\"currency\":\"COP\",\"ts\":{later},\"ref_event_id\":\"e1\"}}"),
+        sale("e1", t0),
+    ];
+    let mut outcomes = Vec::new();
+    for cut in 0..8u8 {
+        let cuts: Vec<bool> = (0..4).map(|i| i > 0 && cut & (1 << (i - 1)) != 0).collect();
+        let (df_epochs, ref_epochs) = epochs(&p, &lines, &cuts);
+        let want = reference(&p, &ref_epochs);
+        for workers in [1, 2] {
+            let got = dataflow(&p, workers, df_epochs.clone());
+            assert_eq!(got, want, "cuts {cut:03b} at {workers} workers");
+        }
+        outcomes.push(want);
+    }
+    let first = &outcomes[0];
+    assert!(outcomes.iter().all(|o| o == first));
+    let e1 = ("e1".to_string(), t0);
+    assert!(
+        first.counted.contains(&e1),
+        "the void past e1's horizon left it counted"
+    );
+    assert_eq!(first.duplicates, 0);
+    let late = Position {
+        source: 0,
+        offset: 3000,
+    };
+    assert!(first.dead.contains(&(late, "late")), "{:?}", first.dead);
 }

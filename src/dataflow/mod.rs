@@ -61,6 +61,26 @@ pub struct Record {
     pub raw: Arc<str>,
 }
 
+impl Record {
+    /// The clock when the record was read: the largest event time read before it
+    /// (`Millis::MIN` for the first), from its watermark. What a record finds in the
+    /// dedup horizon's state is judged by this clock, not by the clock at the end of its
+    /// epoch, so it does not depend on where epochs were cut.
+    pub fn clock(&self, lateness: Millis) -> Millis {
+        if self.wm == Millis::MIN {
+            Millis::MIN
+        } else {
+            self.wm.saturating_add(lateness)
+        }
+    }
+
+    /// Whether something whose event time is `ts` is past the dedup horizon for this
+    /// record: forgotten, as if the epoch it is forgotten at had ended before it.
+    fn outlived(&self, ts: Millis, rules: &Rules) -> bool {
+        ts.saturating_add(rules.horizon) < self.clock(rules.lateness)
+    }
+}
+
 /// A record the dataflow rejected, with why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetter {
@@ -536,10 +556,18 @@ impl<K> Expiry<K> {
     /// Removes and returns the keys whose time is before `clock`.
     pub fn due(&mut self, clock: Millis) -> Vec<K> {
         let mut out = Vec::new();
+        self.due_with(clock, |_, k| out.push(k));
+        out
+    }
+
+    /// Removes the keys whose time is before `clock`, handing each to `f` with its time.
+    pub fn due_with(&mut self, clock: Millis, mut f: impl FnMut(Millis, K)) {
         while let Some(mut first) = self.buckets.first_entry() {
             let start = first.key().saturating_mul(BUCKET);
             if start.saturating_add(BUCKET) <= clock {
-                out.extend(first.remove().into_iter().map(|(_, k)| k));
+                for (offset, k) in first.remove() {
+                    f(start + Millis::from(offset), k);
+                }
             } else {
                 if start < clock {
                     let cut = (clock - start) as u32;
@@ -547,7 +575,8 @@ impl<K> Expiry<K> {
                     let mut i = 0;
                     while i < list.len() {
                         if list[i].0 < cut {
-                            out.push(list.swap_remove(i).1);
+                            let (offset, k) = list.swap_remove(i);
+                            f(start + Millis::from(offset), k);
                         } else {
                             i += 1;
                         }
@@ -559,7 +588,6 @@ impl<K> Expiry<K> {
                 break;
             }
         }
-        out
     }
 }
 

@@ -13,6 +13,9 @@
 //!
 //! Targets and waiting voids leave state once their event time is more than the dedup
 //! horizon behind the clock. Leaving emits nothing: committed windows never change.
+//! They leave at the end of an epoch, but a visit already finds nothing that is past
+//! the horizon for the clock its record was read at (a waiting void so passed over is
+//! an orphan then), so what a void cancels does not depend on where epochs were cut.
 //!
 //! The slots live in one table with admission's ids ([`Ids`]): both stages key an event
 //! by its id, on the same worker.
@@ -106,8 +109,9 @@ impl Ids {
         }
     }
 
-    /// Admission forgets the ids `due` at the end of `epoch`; an entry leaves once the
-    /// voids stage holds nothing under it either, which that stage checks at `epoch`.
+    /// Admission forgets the ids `due` at `epoch` (at its end, or on the way for an id
+    /// read again past its horizon); an entry leaves once the voids stage holds nothing
+    /// under it either, which that stage checks at the end of `epoch`.
     pub(super) fn forget(&mut self, epoch: Epoch, due: Vec<Digest>) {
         for id in &due {
             use super::table::Entry;
@@ -121,7 +125,7 @@ impl Ids {
             }
         }
         if !due.is_empty() {
-            self.forgotten.insert(epoch, due);
+            self.forgotten.entry(epoch).or_default().extend(due);
         }
     }
 
@@ -151,6 +155,12 @@ impl Visit {
         match self {
             Visit::Register(r) => &r.event.event_id,
             Visit::Cancel(r) => r.event.ref_event_id.as_deref().expect("voids have a ref"),
+        }
+    }
+
+    fn record(&self) -> &Record {
+        match self {
+            Visit::Register(r) | Visit::Cancel(r) => r,
         }
     }
 
@@ -393,6 +403,30 @@ pub(super) fn voids<'s>(
                 let slot = &mut ids.table.entry(key).or_default().slot;
                 // Registering and cancelling both leave a slot.
                 ids.slots += usize::from(slot.is_empty());
+                let r = v.record();
+                // What is past the horizon for this record is gone for it, though the
+                // end of the epoch forgets it (see `outlived`).
+                match slot {
+                    Slot::Waiting(list) => list.retain(|w| {
+                        let gone = r.outlived(w.ts, &rules);
+                        if gone {
+                            out.push(Err(Out::Orphan {
+                                provider: w.provider.to_string(),
+                            }));
+                        }
+                        !gone
+                    }),
+                    Slot::Void { ts } | Slot::Sale { ts, .. } if r.outlived(*ts, &rules) => {
+                        if let Slot::Sale {
+                            counted: Some(at), ..
+                        } = slot
+                        {
+                            arena.release(&key, *at);
+                        }
+                        *slot = Slot::default();
+                    }
+                    _ => {}
+                }
                 match v {
                     Visit::Register(r) => {
                         if let Slot::Sale {

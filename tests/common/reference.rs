@@ -29,7 +29,12 @@ enum Target {
     },
 }
 
-/// Folds epochs of (event, position) in order.
+/// Folds the records of every epoch in reading order. Where the epochs were cut does
+/// not enter: what a record finds depends only on the records read before it. An id,
+/// a target or a waiting void is forgotten for a record once its event time plus the
+/// dedup horizon is before the clock when that record was read (the largest event time
+/// read before it), and a waiting void forgotten so is an orphan; so is one still
+/// waiting and forgotten by the clock at the end.
 pub fn reference(p: &Pipeline, epochs: &[Vec<(Event, Position)>]) -> Outcome {
     let lateness = p.allowed_lateness.as_millis() as Millis;
     let horizon = p.dedup_horizon.as_millis() as Millis;
@@ -39,81 +44,86 @@ pub fn reference(p: &Pipeline, epochs: &[Vec<(Event, Position)>]) -> Outcome {
     let mut targets: HashMap<String, (Target, Millis)> = HashMap::new();
     let mut waiting: HashMap<String, Vec<(Event, Position)>> = HashMap::new();
     let mut counted: BTreeMap<(String, Position), Event> = BTreeMap::new();
-    for epoch in epochs {
-        for (e, pos) in epoch {
-            let wm = max_ts.map(|m| m - lateness);
-            max_ts = Some(max_ts.map_or(e.ts, |m| m.max(e.ts)));
-            let id = e.event_id.to_string();
-            if let Some((first, _)) = seen.get(&id) {
-                if first == e {
-                    out.duplicates += 1;
-                } else {
-                    out.dead.insert((*pos, Reason::ConflictingDuplicate.code()));
-                }
-                continue;
-            }
-            seen.insert(id.clone(), (e.clone(), e.ts));
-            if e.kind != Kind::Void && wm.is_some_and(|w| e.ts < w) {
-                out.dead.insert((*pos, Reason::Late.code()));
-                continue;
-            }
-            if e.kind == Kind::Void {
-                targets.insert(id.clone(), (Target::Void, e.ts));
-                for (_, wpos) in waiting.remove(&id).unwrap_or_default() {
-                    out.dead.insert((wpos, Reason::VoidTargetsVoid.code()));
-                }
-                let target = e.ref_event_id.as_deref().unwrap().to_string();
-                match targets.get(&target) {
-                    None => waiting.entry(target).or_default().push((e.clone(), *pos)),
-                    Some((Target::Void, _)) => {
-                        out.dead.insert((*pos, Reason::VoidTargetsVoid.code()));
-                    }
-                    Some((Target::Sale { provider, .. }, _))
-                        if provider.as_str() != e.provider_id.as_str() =>
-                    {
-                        out.dead.insert((*pos, Reason::VoidProviderMismatch.code()));
-                    }
-                    Some((Target::Sale { pos: tpos, .. }, _)) => {
-                        counted.remove(&(target.clone(), *tpos));
-                    }
-                }
-            } else {
-                let mut cancelled = false;
-                for (v, wpos) in waiting.remove(&id).unwrap_or_default() {
-                    if v.provider_id != e.provider_id {
-                        out.dead.insert((wpos, Reason::VoidProviderMismatch.code()));
-                    } else {
-                        cancelled = true;
-                    }
-                }
-                targets.insert(
-                    id.clone(),
-                    (
-                        Target::Sale {
-                            provider: e.provider_id.to_string(),
-                            pos: *pos,
-                        },
-                        e.ts,
-                    ),
-                );
-                if !cancelled {
-                    counted.insert((id, *pos), e.clone());
-                }
-            }
-        }
+    fn orphan(v: &Event, out: &mut Outcome) {
+        *out.orphans.entry(v.provider_id.to_string()).or_default() += 1;
+    }
+    for (e, pos) in epochs.iter().flatten() {
         let clock = max_ts.unwrap_or(Millis::MIN);
         let alive = |ts: Millis| ts + horizon >= clock;
-        seen.retain(|_, (_, ts)| alive(*ts));
-        targets.retain(|_, (_, ts)| alive(*ts));
-        for list in waiting.values_mut() {
-            list.retain(|(v, _)| {
-                if !alive(v.ts) {
-                    *out.orphans.entry(v.provider_id.to_string()).or_default() += 1;
-                }
-                alive(v.ts)
-            });
+        let wm = max_ts.map(|m| m - lateness);
+        max_ts = Some(max_ts.map_or(e.ts, |m| m.max(e.ts)));
+        let id = e.event_id.to_string();
+        if let Some((first, _)) = seen.get(&id).filter(|(_, ts)| alive(*ts)) {
+            if first == e {
+                out.duplicates += 1;
+            } else {
+                out.dead.insert((*pos, Reason::ConflictingDuplicate.code()));
+            }
+            continue;
         }
-        waiting.retain(|_, l| !l.is_empty());
+        seen.insert(id.clone(), (e.clone(), e.ts));
+        if e.kind != Kind::Void && wm.is_some_and(|w| e.ts < w) {
+            out.dead.insert((*pos, Reason::Late.code()));
+            continue;
+        }
+        // The voids waiting for this record that are not forgotten yet.
+        let mut waited = Vec::new();
+        for (v, wpos) in waiting.remove(&id).unwrap_or_default() {
+            if alive(v.ts) {
+                waited.push((v, wpos));
+            } else {
+                orphan(&v, &mut out);
+            }
+        }
+        if e.kind == Kind::Void {
+            targets.insert(id.clone(), (Target::Void, e.ts));
+            for (_, wpos) in waited {
+                out.dead.insert((wpos, Reason::VoidTargetsVoid.code()));
+            }
+            let target = e.ref_event_id.as_deref().unwrap().to_string();
+            match targets.get(&target).filter(|(_, ts)| alive(*ts)) {
+                None => waiting.entry(target).or_default().push((e.clone(), *pos)),
+                Some((Target::Void, _)) => {
+                    out.dead.insert((*pos, Reason::VoidTargetsVoid.code()));
+                }
+                Some((Target::Sale { provider, .. }, _))
+                    if provider.as_str() != e.provider_id.as_str() =>
+                {
+                    out.dead.insert((*pos, Reason::VoidProviderMismatch.code()));
+                }
+                Some((Target::Sale { pos: tpos, .. }, _)) => {
+                    counted.remove(&(target.clone(), *tpos));
+                }
+            }
+        } else {
+            let mut cancelled = false;
+            for (v, wpos) in waited {
+                if v.provider_id != e.provider_id {
+                    out.dead.insert((wpos, Reason::VoidProviderMismatch.code()));
+                } else {
+                    cancelled = true;
+                }
+            }
+            targets.insert(
+                id.clone(),
+                (
+                    Target::Sale {
+                        provider: e.provider_id.to_string(),
+                        pos: *pos,
+                    },
+                    e.ts,
+                ),
+            );
+            if !cancelled {
+                counted.insert((id, *pos), e.clone());
+            }
+        }
+    }
+    let clock = max_ts.unwrap_or(Millis::MIN);
+    for (v, _) in waiting.values().flatten() {
+        if v.ts + horizon < clock {
+            orphan(v, &mut out);
+        }
     }
     out.rows = rows(p, counted.values());
     out.counted = counted
