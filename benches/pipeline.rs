@@ -2,8 +2,8 @@
 //!
 //! - `throughput --events N --workers W [--processes P] [--runs R]`: JSON Lines from
 //!   `tally gen` (cached under the target directory) to committed aggregates with the
-//!   default pipeline, on the embedded store; prints seconds, events/s and peak RSS
-//!   (of process 0) per run. With `--processes P`, as process 0 of a timely cluster on
+//!   default pipeline, on the embedded store; prints seconds, events/s, peak RSS
+//!   (of process 0) and the store's files at the end (WAL and snapshot) per run. With `--processes P`, as process 0 of a timely cluster on
 //!   loopback whose other processes are the `tally` binary, W workers each.
 //!   With `--no-archive` (any mode that runs the pipeline), nothing is staged to the
 //!   lake, to show what staging costs.
@@ -172,8 +172,17 @@ fn run_in(
     };
     let start = Instant::now();
     ingest::run(cfg, observe).unwrap();
-    start.elapsed().as_secs_f64()
+    let secs = start.elapsed().as_secs_f64();
+    STORE_BYTES.store(
+        dir_bytes(&dir.path().join("store")),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    secs
 }
+
+/// The bytes in the embedded store's files (`store/`: WAL and snapshot) at the end of
+/// the last run.
+static STORE_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// The data directory of the run in progress (`rss` reports its staging log's size).
 static DATA_DIR: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
@@ -183,7 +192,12 @@ fn staging_bytes() -> u64 {
     let Some(dir) = DATA_DIR.lock().unwrap().clone() else {
         return 0;
     };
-    std::fs::read_dir(dir.join("staging"))
+    dir_bytes(&dir.join("staging"))
+}
+
+/// Bytes in the files directly in `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
         .map(|d| {
             d.flatten()
                 .filter_map(|e| e.metadata().ok())
@@ -219,10 +233,11 @@ fn main() {
             for _ in 0..runs {
                 let secs = run_shape(vec![Input::Path(file.clone())], workers, processes);
                 println!(
-                    "throughput processes={processes} workers={workers} events={events} seconds={secs:.2} events_per_s={:.0} per_worker={:.0} peak_rss_mb={}",
+                    "throughput processes={processes} workers={workers} events={events} seconds={secs:.2} events_per_s={:.0} per_worker={:.0} peak_rss_mb={} store_mb={:.1}",
                     events as f64 / secs,
                     events as f64 / secs / (workers * processes) as f64,
-                    status("VmHWM:") >> 20
+                    status("VmHWM:") >> 20,
+                    STORE_BYTES.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e6
                 );
             }
         }

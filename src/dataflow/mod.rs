@@ -65,7 +65,9 @@ impl Record {
     /// The clock when the record was read: the largest event time read before it
     /// (`Millis::MIN` for the first), from its watermark. What a record finds in the
     /// dedup horizon's state is judged by this clock, not by the clock at the end of its
-    /// epoch, so it does not depend on where epochs were cut.
+    /// epoch, so it does not depend on where epochs were cut. (A record replayed from
+    /// the staging log keeps the watermark it was read with; after a change of the
+    /// pipeline's lateness its clock is told with the new one.)
     pub fn clock(&self, lateness: Millis) -> Millis {
         if self.wm == Millis::MIN {
             Millis::MIN
