@@ -429,12 +429,9 @@ pub(super) fn voids<'s>(
                 }
                 match v {
                     Visit::Register(r) => {
-                        if let Slot::Sale {
-                            counted: Some(at), ..
-                        } = slot
-                        {
-                            arena.release(&key, *at);
-                        }
+                        // Admission lets a record through only for an id forgotten for
+                        // it, so a target slot under it is past its horizon: reset above.
+                        debug_assert!(matches!(slot, Slot::Waiting(_)), "a live target again");
                         *slot = register(slot, key, r.event, r.pos, &rules, &mut arena, out);
                     }
                     Visit::Cancel(r) => {
